@@ -1,0 +1,171 @@
+//! Helpers shared by edgechat adapters that need nothing from the host.
+//!
+//! Chat templates are rendered the way Hugging Face transformers' `apply_chat_template` renders them, so a
+//! model's own Jinja template produces byte-identical prompts: `trim_blocks` and `lstrip_blocks` on, no
+//! trailing newline kept, a `raise_exception` function, the tokenizer's special tokens in the context, and
+//! Python's string methods (`.strip()`, `.startswith()`, ...) available on values.
+
+use minijinja::{Environment, Error, ErrorKind, Value};
+use serde::Serialize;
+
+pub mod wit {
+    //! Bindings for the host imports. Adapters map their imports onto these with `with:` so that kit
+    //! helpers and adapter code share one `array` type.
+    wit_bindgen::generate!({
+        path: "../../wit/v0.1.0",
+        world: "edgechat:adapter/guest-kit@0.1.0",
+        pub_export_macro: true,
+        generate_all,
+    });
+}
+
+pub mod selftest;
+
+/// One chat message as the template sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// What a model's tokenizer_config.json contributes to prompt formatting.
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerConfig {
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub unk_token: Option<String>,
+    pub pad_token: Option<String>,
+}
+
+impl TokenizerConfig {
+    /// Reads the fields that matter from tokenizer_config.json text. Special tokens may be plain strings or
+    /// `{"content": ...}` objects; the chat template may be a string or a list of named templates, of which
+    /// the one named "default" is used.
+    pub fn parse(json: &str) -> Result<Self, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| format!("tokenizer_config.json is not valid JSON: {e}"))?;
+        let token = |key: &str| match value.get(key) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(str::to_owned),
+            _ => None,
+        };
+        let chat_template = match value.get("chat_template") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(str::to_owned),
+            Some(_) => return Err("tokenizer_config.json: chat_template is neither a string nor a list".into()),
+        };
+        Ok(Self {
+            chat_template,
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+            unk_token: token("unk_token"),
+            pad_token: token("pad_token"),
+        })
+    }
+}
+
+/// Renders `template` for `messages`. Errors raised by the template itself (`raise_exception`) come back
+/// as their message, so the user sees e.g. "Conversation roles must alternate user/assistant/...".
+pub fn render_chat_template(
+    template: &str,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+    tokens: &TokenizerConfig,
+) -> Result<String, String> {
+    let mut env = Environment::new();
+    env.set_trim_blocks(true);
+    env.set_lstrip_blocks(true);
+    env.set_keep_trailing_newline(false);
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", raise_exception);
+    env.add_filter("trim", python_strip);
+    env.add_template("chat", template).map_err(|e| format!("chat template does not parse: {}", describe(&e)))?;
+    let context = minijinja::context! {
+        messages => messages,
+        add_generation_prompt => add_generation_prompt,
+        tools => Value::from(()),
+        documents => Value::from(()),
+        bos_token => tokens.bos_token.as_deref().unwrap_or(""),
+        eos_token => tokens.eos_token.as_deref().unwrap_or(""),
+        unk_token => tokens.unk_token.as_deref(),
+        pad_token => tokens.pad_token.as_deref(),
+    };
+    env.get_template("chat")
+        .and_then(|t| t.render(context))
+        .map_err(|e| match e.kind() {
+            ErrorKind::InvalidOperation if e.detail().is_some() && is_raised(&e) => {
+                e.detail().unwrap_or_default().to_owned()
+            }
+            _ => format!("chat template failed: {}", describe(&e)),
+        })
+}
+
+const RAISED: &str = "raise_exception: ";
+
+fn raise_exception(message: String) -> Result<Value, Error> {
+    Err(Error::new(ErrorKind::InvalidOperation, format!("{RAISED}{message}")))
+}
+
+fn is_raised(e: &Error) -> bool {
+    e.detail().is_some_and(|d| d.starts_with(RAISED))
+}
+
+fn describe(e: &Error) -> String {
+    let detail = e.detail().map(|d| d.strip_prefix(RAISED).unwrap_or(d));
+    match (detail, e.line()) {
+        (Some(d), Some(line)) => format!("{} (line {line}): {d}", e.kind()),
+        (Some(d), None) => format!("{}: {d}", e.kind()),
+        (None, _) => e.to_string(),
+    }
+}
+
+/// Jinja's `trim` in transformers is Python's `str.strip()`, whose notion of whitespace is slightly wider
+/// than Rust's (it includes the ASCII separators U+001C..U+001F).
+fn python_strip(value: String) -> String {
+    value.trim_matches(is_python_whitespace).to_owned()
+}
+
+pub fn is_python_whitespace(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(role: &str, content: &str) -> ChatMessage {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+
+    #[test]
+    fn raise_exception_surfaces_its_message() {
+        let tpl = "{% if messages|length == 0 %}{{ raise_exception('no messages') }}{% endif %}ok";
+        let err = render_chat_template(tpl, &[], false, &TokenizerConfig::default()).unwrap_err();
+        assert_eq!(err, "no messages");
+        assert_eq!(render_chat_template(tpl, &[msg("user", "x")], false, &Default::default()).unwrap(), "ok");
+    }
+
+    #[test]
+    fn trim_is_python_strip() {
+        assert_eq!(python_strip("\u{1c} a b \u{3000}\n".into()), "a b");
+    }
+
+    #[test]
+    fn parses_object_tokens_and_named_templates() {
+        let cfg = TokenizerConfig::parse(
+            r#"{"bos_token": {"content": "<s>"}, "eos_token": "</s>",
+                "chat_template": [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "y"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.bos_token.as_deref(), Some("<s>"));
+        assert_eq!(cfg.eos_token.as_deref(), Some("</s>"));
+        assert_eq!(cfg.chat_template.as_deref(), Some("y"));
+    }
+}

@@ -1,0 +1,274 @@
+//! Loading, verifying and running adapters (WebAssembly components) in a sandbox.
+//!
+//! A component is accepted only if it imports nothing but our own interfaces (no WASI: no files, clock,
+//! sockets or environment) at a contract version this shell knows, and exports the whole adapter world.
+//! Every call runs with a fuel budget, a memory cap and caps on tensor handles; a call that traps
+//! discards the instance (its state may be corrupt) and is reported as an error naming the adapter. The
+//! next call gets a fresh instance, so the shell keeps working.
+
+pub mod bindings;
+mod registry;
+pub use registry::Registry;
+mod compiled;
+
+use crate::host::{HostState, Limits};
+use anyhow::{bail, Context, Result};
+use bindings::exports::edgechat::adapter::{catalog, prompt};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, Store};
+
+/// Contract versions this shell implements (see wit/).
+pub const KNOWN_CONTRACTS: &[&str] = &["0.1.0"];
+const PACKAGE: &str = "edgechat:adapter";
+const IMPORTS: &[&str] = &["log", "tensor", "weights", "net"];
+const EXPORTS: &[&str] = &["info", "catalog", "prompt", "runtime"];
+
+/// One engine and linker for all adapters of this process.
+#[derive(Clone)]
+pub struct AdapterHost {
+    engine: Engine,
+    linker: Arc<Linker<HostState>>,
+    limits: Limits,
+    /// Where compiled components are cached; None disables the cache.
+    cache_dir: Option<PathBuf>,
+}
+
+/// How a component's machine code was obtained.
+#[derive(Debug, Clone, Copy)]
+pub enum CodeSource {
+    Compiled(Duration),
+    Cached(Duration),
+}
+
+/// What an adapter says about itself (`info.get`), checked against what its component declares.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub version: String,
+    pub contract_version: String,
+    pub families: Vec<String>,
+    pub architectures: Vec<String>,
+    pub allowed_hosts: Vec<String>,
+}
+
+/// A verified, compiled adapter, ready to instantiate.
+#[derive(Clone)]
+pub struct Adapter {
+    pub info: AdapterInfo,
+    pub path: PathBuf,
+    pub sha256: String,
+    pub size: u64,
+    pub code: CodeSource,
+    component: Component,
+    host: AdapterHost,
+}
+
+/// An error from inside an adapter call, naming the adapter and what it was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// The adapter returned an error value: its own, well-formed complaint (e.g. a template error).
+    #[error("{0}")]
+    Refused(String),
+    /// The adapter trapped or hit a sandbox limit; its instance was discarded.
+    #[error("adapter `{adapter}` was stopped during {call}: {reason}")]
+    Trapped { adapter: String, call: String, reason: String },
+}
+
+impl AdapterHost {
+    pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<Self> {
+        let mut config = Config::new();
+        config.wasm_component_model(true).consume_fuel(true);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        bindings::Adapter::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)?;
+        Ok(AdapterHost { engine, linker: Arc::new(linker), limits, cache_dir })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Reads, verifies and compiles (or loads from cache) one component file.
+    pub fn load(&self, path: &Path) -> Result<Adapter> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading adapter {}", path.display()))?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let started = Instant::now();
+        let (component, cached) = compiled::load_or_compile(&self.engine, &bytes, &sha256, self.cache_dir.as_deref())
+            .with_context(|| format!("{} is not a valid WebAssembly component", path.display()))?;
+        let elapsed = started.elapsed();
+        let code = if cached { CodeSource::Cached(elapsed) } else { CodeSource::Compiled(elapsed) };
+        let contract = verify_world(&self.engine, &component).with_context(|| format!("refusing adapter {}", path.display()))?;
+
+        let placeholder = AdapterInfo {
+            name: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            version: String::new(),
+            contract_version: contract.clone(),
+            families: vec![],
+            architectures: vec![],
+            allowed_hosts: vec![],
+        };
+        let mut adapter =
+            Adapter { info: placeholder, path: path.to_owned(), sha256, size: bytes.len() as u64, code, component, host: self.clone() };
+        let info = adapter.instantiate()?.info()?;
+        if info.contract_version != contract {
+            bail!(
+                "refusing adapter {}: it reports contract {} but its component implements {contract}",
+                path.display(),
+                info.contract_version
+            );
+        }
+        adapter.info = info;
+        Ok(adapter)
+    }
+}
+
+/// Checks imports and exports by name before anything runs; returns the contract version.
+fn verify_world(engine: &Engine, component: &Component) -> Result<String> {
+    let ty = component.component_type();
+    let mut version: Option<String> = None;
+    let mut check = |name: &str, allowed: &[&str], direction: &str| -> Result<()> {
+        let (interface, v) = name
+            .strip_prefix(PACKAGE)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .and_then(|rest| rest.split_once('@'))
+            .filter(|(interface, _)| allowed.contains(interface))
+            .with_context(|| {
+                format!("it {direction} `{name}`; adapters may use only the {PACKAGE} interfaces (no WASI, no other host APIs)")
+            })?;
+        if !KNOWN_CONTRACTS.contains(&v) {
+            bail!("its {interface} interface is contract {v}; this edgechat supports {}", KNOWN_CONTRACTS.join(", "));
+        }
+        match &version {
+            Some(seen) if seen != v => bail!("it mixes contract versions {seen} and {v}"),
+            _ => version = Some(v.to_owned()),
+        }
+        Ok(())
+    };
+    for (name, _) in ty.imports(engine) {
+        check(name, IMPORTS, "imports")?;
+    }
+    let mut exported = Vec::new();
+    for (name, _) in ty.exports(engine) {
+        check(name, EXPORTS, "exports")?;
+        exported.push(name.to_owned());
+    }
+    let version = version.context("it exports nothing")?;
+    for interface in EXPORTS {
+        let name = format!("{PACKAGE}/{interface}@{version}");
+        if !exported.contains(&name) {
+            bail!("it does not export {name}");
+        }
+    }
+    Ok(version)
+}
+
+/// A live instance of an adapter. A trap discards the instance; the next call makes a new one.
+pub struct Session {
+    adapter: Adapter,
+    live: Option<(Store<HostState>, bindings::Adapter)>,
+}
+
+impl Adapter {
+    pub fn instantiate(&self) -> Result<Session> {
+        let mut session = Session { adapter: self.clone(), live: None };
+        session.ensure_live()?;
+        Ok(session)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+}
+
+impl Session {
+    fn ensure_live(&mut self) -> Result<()> {
+        if self.live.is_none() {
+            let host = &self.adapter.host;
+            let mut state = HostState::new(&self.adapter.info.name, &host.limits);
+            state.net.allowed_hosts = self.adapter.info.allowed_hosts.clone();
+            let mut store = Store::new(&host.engine, state);
+            store.limiter(|s| &mut s.limits);
+            store.set_fuel(host.limits.fuel_per_call)?;
+            let bindings = bindings::Adapter::instantiate(&mut store, &self.adapter.component, &host.linker)
+                .map_err(anyhow::Error::from)
+                .with_context(|| format!("instantiating adapter {}", self.adapter.path.display()))?;
+            self.live = Some((store, bindings));
+        }
+        Ok(())
+    }
+
+    /// Runs one export under a fresh fuel budget. A trap (including any sandbox limit) discards the
+    /// instance and becomes [`AdapterError::Trapped`]; an `Err` the adapter returns becomes `Refused`.
+    pub fn call<T>(
+        &mut self,
+        call: &str,
+        f: impl FnOnce(&mut Store<HostState>, &bindings::Adapter) -> wasmtime::Result<Result<T, String>>,
+    ) -> Result<T, AdapterError> {
+        let adapter = self.adapter.info.name.clone();
+        let trapped = |reason: String| AdapterError::Trapped { adapter: adapter.clone(), call: call.to_owned(), reason };
+        self.ensure_live().map_err(|e| trapped(format!("{e:#}")))?;
+        let (store, bindings) = self.live.as_mut().expect("instance is live");
+        let outcome = store.set_fuel(self.adapter.host.limits.fuel_per_call).and_then(|_| f(store, bindings));
+        match outcome {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(message)) => Err(AdapterError::Refused(message)),
+            Err(trap) => {
+                self.live = None;
+                Err(trapped(describe_trap(&trap, &self.adapter.host.limits)))
+            }
+        }
+    }
+
+    pub fn info(&mut self) -> Result<AdapterInfo, AdapterError> {
+        self.call("info.get", |store, b| {
+            let i = b.edgechat_adapter_info().call_get(store)?;
+            Ok(Ok(AdapterInfo {
+                name: i.name,
+                version: i.version,
+                contract_version: i.contract_version,
+                families: i.families,
+                architectures: i.architectures,
+                allowed_hosts: i.allowed_hosts,
+            }))
+        })
+    }
+
+    pub fn describe(&mut self, source: &catalog::Source) -> Result<catalog::Description, AdapterError> {
+        self.call("catalog.describe", |store, b| b.edgechat_adapter_catalog().call_describe(store, source))
+    }
+
+    pub fn format(&mut self, messages: &[prompt::Message], options: &prompt::FormatOptions) -> Result<prompt::Formatted, AdapterError> {
+        self.call("prompt.format", |store, b| b.edgechat_adapter_prompt().call_format(store, messages, options))
+    }
+
+    pub fn self_test(&mut self, a: &[f32], b: &[f32], n: u32) -> Result<Vec<Vec<f32>>, AdapterError> {
+        self.call("runtime.self-test", |store, bi| bi.edgechat_adapter_runtime().call_self_test(store, a, b, n))
+    }
+
+    pub fn adapter(&self) -> &Adapter {
+        &self.adapter
+    }
+}
+
+/// Turns a wasmtime trap into a sentence a user can act on.
+fn describe_trap(error: &wasmtime::Error, limits: &Limits) -> String {
+    match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::OutOfFuel) => {
+            format!("it ran past its compute budget of {} instructions per call (an endless loop?)", limits.fuel_per_call)
+        }
+        Some(wasmtime::Trap::AllocationTooLarge) | Some(wasmtime::Trap::HeapMisaligned) => format!("{error}"),
+        Some(trap) => format!("it trapped: {trap}"),
+        None => {
+            let text = format!("{error:#}");
+            if text.contains("forcing trap when growing memory") || text.contains("memory") && text.contains("limit") {
+                format!("it tried to use more than its memory limit of {} MiB", limits.memory_bytes >> 20)
+            } else {
+                text
+            }
+        }
+    }
+}

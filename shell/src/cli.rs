@@ -1,0 +1,77 @@
+//! Command-line interface. Exit codes: 0 ok, 1 runtime error, 2 usage error.
+
+use crate::commands;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "edgechat", version, about = "On-device chat with small language models")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runtime adapters: list what is installed.
+    Adapters {
+        #[command(subcommand)]
+        command: AdaptersCommand,
+    },
+    /// The model catalog, as the adapters describe it.
+    Models {
+        /// One JSON object per model instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Render a chat into the exact prompt text the model sees.
+    Prompt {
+        /// A catalog id (e.g. gemma-3-270m-it) or a model directory (its config.json picks the adapter,
+        /// its tokenizer_config.json supplies the chat template).
+        model: String,
+        /// A JSON file with an OpenAI-style message list: [{"role": "user", "content": "..."}]; `-` reads stdin.
+        #[arg(long)]
+        messages: PathBuf,
+        /// Do not end with the opening of the assistant's turn.
+        #[arg(long)]
+        no_generation_prompt: bool,
+    },
+    /// Check the toolchain, the tensor backend (through an adapter), the data dir and disk space.
+    Doctor,
+}
+
+#[derive(Subcommand)]
+enum AdaptersCommand {
+    /// Name, version, contract, families, sha256 and origin of every adapter found.
+    List,
+}
+
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EDGECHAT_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Adapters { command: AdaptersCommand::List } => commands::adapters_list(),
+        Command::Models { json } => commands::models(json),
+        Command::Prompt { model, messages, no_generation_prompt } => commands::prompt(&model, &messages, !no_generation_prompt),
+        Command::Doctor => commands::doctor::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

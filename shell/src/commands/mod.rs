@@ -1,0 +1,194 @@
+//! The CLI commands. Each opens a [`Shell`] (paths, adapter host, discovered adapters) and does one thing.
+
+pub mod doctor;
+
+use crate::adapter::bindings::exports::edgechat::adapter::{catalog::RuntimeKind, prompt};
+use crate::adapter::{Adapter, AdapterHost, CodeSource, Registry};
+use crate::catalog::{Catalog, Source};
+use crate::host::Limits;
+use crate::paths::Paths;
+use anyhow::{bail, Context, Result};
+use std::io::{Read, Write};
+use std::path::Path;
+
+pub struct Shell {
+    pub paths: Paths,
+    pub host: AdapterHost,
+    pub registry: Registry,
+    pub catalog: Catalog,
+}
+
+impl Shell {
+    pub fn open() -> Result<Shell> {
+        let paths = Paths::resolve()?;
+        let host = AdapterHost::new(Limits::default(), Some(paths.compiled_adapters()))?;
+        let registry = Registry::discover(&host, &paths);
+        for (path, problem) in &registry.problems {
+            tracing::warn!("skipped adapter {}: {problem}", path.display());
+        }
+        Ok(Shell { paths, host, registry, catalog: Catalog::builtin() })
+    }
+
+    /// Where a downloaded model lives (DESIGN: `Models/<org>--<name>/` or `Models/<slug>.bundle`).
+    pub fn model_dir(&self, source: &Source) -> std::path::PathBuf {
+        match source {
+            Source::Hub { repo, .. } => self.paths.models().join(repo.replace('/', "--")),
+            Source::Leap { slug, quantization } => self.paths.models().join(format!("{slug}-{quantization}.bundle")),
+        }
+    }
+}
+
+pub fn adapters_list() -> Result<()> {
+    let shell = Shell::open()?;
+    if shell.registry.adapters.is_empty() && shell.registry.problems.is_empty() {
+        bail!("no adapters found (looked in {} and the build's target/adapters): run `cargo xtask adapters`", shell.paths.user_adapters().display());
+    }
+    println!("{:<8} {:<8} {:<9} {:<14} {:<16} {:<10} FROM", "NAME", "VERSION", "CONTRACT", "FAMILIES", "SHA256", "CODE");
+    for a in &shell.registry.adapters {
+        let code = match a.code {
+            CodeSource::Compiled(d) => format!("compiled {:.0}ms", d.as_secs_f64() * 1e3),
+            CodeSource::Cached(d) => format!("cached {:.1}ms", d.as_secs_f64() * 1e3),
+        };
+        println!(
+            "{:<8} {:<8} {:<9} {:<14} {:<16} {:<10} {}",
+            a.info.name,
+            a.info.version,
+            a.info.contract_version,
+            a.info.families.join(","),
+            &a.sha256[..16],
+            code,
+            a.path.display()
+        );
+    }
+    for (path, problem) in &shell.registry.problems {
+        println!("refused  {}: {problem}", path.display());
+    }
+    Ok(())
+}
+
+pub fn runtime_label(kind: RuntimeKind) -> &'static str {
+    match kind {
+        RuntimeKind::MlxSafetensors => "MLX (safetensors)",
+        RuntimeKind::MlxGguf => "MLX (GGUF)",
+        RuntimeKind::MlxLeapBundle => "MLX (Leap bundle)",
+    }
+}
+
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit < UNITS.len() - 1 {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+fn human_count(n: u64) -> String {
+    if n >= 950_000_000 { format!("{:.2}B", n as f64 / 1e9) } else { format!("{:.0}M", n as f64 / 1e6) }
+}
+
+pub fn models(json: bool) -> Result<()> {
+    let shell = Shell::open()?;
+    if !json {
+        println!("{:<16} {:<28} {:<10} {:<18} {:>7} {:>8} {:>9} {:>9}", "ID", "NAME", "PROVIDER", "RUNTIME", "PARAMS", "CONTEXT", "DOWNLOAD", "MEMORY");
+    }
+    for entry in &shell.catalog.models {
+        let description = shell
+            .registry
+            .get(&entry.adapter)
+            .and_then(|a| a.instantiate())
+            .and_then(|mut s| Ok(s.describe(&entry.source.to_wit())?));
+        match (description, json) {
+            (Ok(d), false) => println!(
+                "{:<16} {:<28} {:<10} {:<18} {:>7} {:>8} {:>9} {:>9}",
+                entry.id,
+                d.display_name,
+                d.provider,
+                runtime_label(d.runtime),
+                human_count(d.parameters),
+                d.context_length,
+                human_bytes(d.download_bytes),
+                human_bytes(d.memory_bytes)
+            ),
+            (Ok(d), true) => println!(
+                "{}",
+                serde_json::json!({
+                    "id": entry.id, "adapter": entry.adapter, "source": entry.source.to_string(),
+                    "name": d.display_name, "family": d.family, "provider": d.provider,
+                    "runtime": runtime_label(d.runtime), "parameters": d.parameters, "context_length": d.context_length,
+                    "download_bytes": d.download_bytes, "memory_bytes": d.memory_bytes,
+                })
+            ),
+            (Err(e), false) => println!("{:<16} (unavailable: {e:#})", entry.id),
+            (Err(e), true) => println!("{}", serde_json::json!({ "id": entry.id, "error": format!("{e:#}") })),
+        }
+    }
+    Ok(())
+}
+
+/// Reads an OpenAI-style message list.
+pub fn read_messages(text: &str) -> Result<Vec<prompt::Message>> {
+    let value: serde_json::Value = serde_json::from_str(text).context("messages are not valid JSON")?;
+    let list = value.as_array().context("messages must be a JSON list of {\"role\", \"content\"} objects")?;
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = |name: &str| -> Result<String> {
+                match m.get(name) {
+                    Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                    Some(_) => bail!("message {i}: `{name}` must be a string"),
+                    None => bail!("message {i}: `{name}` is missing"),
+                }
+            };
+            Ok(prompt::Message { role: field("role")?, content: field("content")? })
+        })
+        .collect()
+}
+
+/// Picks the adapter and the model's own tokenizer config for a catalog id or a model directory.
+pub fn resolve_for_prompt<'a>(shell: &'a Shell, model: &str) -> Result<(&'a Adapter, Option<String>)> {
+    let dir = Path::new(model);
+    if dir.is_dir() {
+        let config = std::fs::read_to_string(dir.join("config.json")).with_context(|| format!("{} has no readable config.json", dir.display()))?;
+        let config: serde_json::Value = serde_json::from_str(&config).with_context(|| format!("{}/config.json is not valid JSON", dir.display()))?;
+        let model_type = config.get("model_type").and_then(|t| t.as_str()).with_context(|| format!("{}/config.json has no model_type", dir.display()))?;
+        let adapter = shell.registry.for_architecture(model_type)?;
+        return Ok((adapter, read_optional(&dir.join("tokenizer_config.json"))?));
+    }
+    let entry = shell.catalog.get(model).with_context(|| {
+        let ids: Vec<&str> = shell.catalog.models.iter().map(|m| m.id.as_str()).collect();
+        format!("unknown model `{model}` (catalog: {}; or give a model directory)", ids.join(", "))
+    })?;
+    let adapter = shell.registry.get(&entry.adapter)?;
+    let tokenizer_config = read_optional(&shell.model_dir(&entry.source).join("tokenizer_config.json"))?;
+    Ok((adapter, tokenizer_config))
+}
+
+fn read_optional(path: &Path) -> Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+pub fn prompt(model: &str, messages: &Path, add_generation_prompt: bool) -> Result<()> {
+    let text = if messages == Path::new("-") {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("reading messages from stdin")?;
+        s
+    } else {
+        std::fs::read_to_string(messages).with_context(|| format!("reading {}", messages.display()))?
+    };
+    let messages = read_messages(&text).with_context(|| format!("in {}", messages.display()))?;
+    let shell = Shell::open()?;
+    let (adapter, tokenizer_config) = resolve_for_prompt(&shell, model)?;
+    let options = prompt::FormatOptions { add_generation_prompt, tokenizer_config };
+    let formatted = adapter.instantiate()?.format(&messages, &options).with_context(|| format!("cannot format the chat for {model}"))?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(formatted.text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}

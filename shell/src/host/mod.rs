@@ -1,0 +1,57 @@
+//! Host capabilities imported by adapters, one module per WIT interface, all on [`HostState`]: the data
+//! of one adapter's wasmtime store.
+
+pub mod log;
+pub mod net;
+pub mod tensor;
+pub mod weights;
+
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+
+/// Sandbox limits for one adapter instance.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Linear memory of the adapter.
+    pub memory_bytes: usize,
+    /// Wasm instructions (fuel) per call into the adapter; host time is not counted.
+    pub fuel_per_call: u64,
+    pub max_tensor_handles: usize,
+    /// Bytes of all live tensors the adapter holds handles to.
+    pub max_tensor_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory_bytes: 256 << 20,
+            // ~1-2 s of guest compute on one core; a template render or a graph build needs < 1%.
+            fuel_per_call: 2_000_000_000,
+            max_tensor_handles: 100_000,
+            max_tensor_bytes: 64 << 30,
+        }
+    }
+}
+
+pub struct HostState {
+    /// The adapter's name, for logs and errors.
+    pub adapter: String,
+    pub table: ResourceTable,
+    pub limits: StoreLimits,
+    pub tensors: tensor::Tensors,
+    pub weights: Option<Box<dyn weights::Checkpoint>>,
+    pub net: net::NetPolicy,
+}
+
+impl HostState {
+    pub fn new(adapter: &str, limits: &Limits) -> Self {
+        HostState {
+            adapter: adapter.to_owned(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new().memory_size(limits.memory_bytes).instances(4).tables(16).memories(4).trap_on_grow_failure(true).build(),
+            tensors: tensor::Tensors::new(limits.max_tensor_handles, limits.max_tensor_bytes),
+            weights: None,
+            net: net::NetPolicy::default(),
+        }
+    }
+}

@@ -1,0 +1,10 @@
+//! edgechat: on-device chat with small language models. A native shell hosting one WebAssembly runtime
+//! adapter per model family; the adapters format prompts and define model graphs, the shell executes
+//! tensors with MLX. See docs/architecture.md.
+
+pub mod adapter;
+pub mod catalog;
+pub mod cli;
+pub mod commands;
+pub mod host;
+pub mod paths;

@@ -1,0 +1,75 @@
+//! Host-side build tasks.
+//!
+//! `cargo xtask setup`     installs or locates what the build needs (MLX CPU library on Linux, a wasm32 toolchain)
+//! `cargo xtask adapters`  builds every guest crate to a core module and wraps it as a component in target/adapters
+//! `cargo xtask test`      setup + adapters + `cargo test --workspace`: the one command CI and newcomers run
+
+mod guests;
+mod setup;
+
+use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("xtask: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = workspace_root();
+    match args.first().map(String::as_str) {
+        Some("setup") => setup::run(&root),
+        Some("adapters") => guests::build_all(&root),
+        Some("test") => {
+            setup::run(&root)?;
+            guests::build_all(&root)?;
+            let status = Command::new(cargo()).current_dir(&root).args(["test", "--workspace"]).args(&args[1..]).status()?;
+            if !status.success() {
+                bail!("cargo test failed");
+            }
+            Ok(())
+        }
+        _ => {
+            eprintln!("usage: cargo xtask <setup | adapters | test [cargo test args]>");
+            std::process::exit(2);
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// The cargo that runs us (rustup's proxy or a plain install).
+pub fn cargo() -> String {
+    std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())
+}
+
+/// Runs a command, failing with its command line when it fails.
+pub fn run_checked(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().map_err(|e| anyhow::anyhow!("cannot run {:?}: {e}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+pub fn is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// Installs Debian packages when we may (root with apt-get), else says what to install.
+pub fn apt_install(packages: &[&str], why: &str) -> Result<()> {
+    if !(is_root() && Path::new("/usr/bin/apt-get").exists()) {
+        bail!("{why}: install the Debian packages {} (sudo apt-get install {0})", packages.join(" "));
+    }
+    eprintln!("xtask: installing {} ({why})", packages.join(" "));
+    run_checked(Command::new("apt-get").arg("update").arg("-qq"))?;
+    run_checked(
+        Command::new("apt-get").env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-qq"]).args(packages),
+    )
+}

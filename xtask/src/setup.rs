@@ -1,0 +1,76 @@
+//! `cargo xtask setup`: what a fresh machine needs before `cargo build` works.
+//!
+//! Linux: the MLX CPU library from the PyPI `mlx-cpu` wheel (unpacked into .toolchain/mlx-cpu, which
+//! tools/mlx wires into mlx-sys), plus cmake and libclang for mlx-sys's build script. Everywhere: a
+//! wasm32 toolchain for the adapters (see guests.rs).
+
+use crate::{apt_install, guests, run_checked};
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+use std::process::Command;
+
+/// 0.32.4 changed `gather_qmm`, which mlx-c 0.7.0 (mlx-sys 0.7.0) calls with the old signature.
+const MLX_CPU_WHEEL: &str = "mlx-cpu==0.32.2";
+
+pub fn run(root: &Path) -> Result<()> {
+    if cfg!(target_os = "linux") {
+        let mut missing = Vec::new();
+        if which("cmake").is_none() {
+            missing.push("cmake");
+        }
+        if !has_libclang() {
+            missing.push("libclang-dev");
+        }
+        if !missing.is_empty() {
+            apt_install(&missing, "mlx-sys builds mlx-c with cmake and generates bindings with libclang")?;
+        }
+        install_mlx_cpu(root)?;
+    }
+    let toolchain = guests::Toolchain::find_or_install()?;
+    eprintln!("xtask: setup done; adapters build with {}", toolchain.describe());
+    Ok(())
+}
+
+fn install_mlx_cpu(root: &Path) -> Result<()> {
+    let dest = root.join(".toolchain/mlx-cpu");
+    let marker = dest.join(".installed");
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == MLX_CPU_WHEEL) {
+        return Ok(());
+    }
+    let python = which("python3").context("python3 (with pip) is needed to fetch the MLX CPU wheel")?;
+    let download = root.join(".toolchain/download");
+    let _ = std::fs::remove_dir_all(&download);
+    eprintln!("xtask: fetching {MLX_CPU_WHEEL}");
+    run_checked(Command::new(&python).args(["-m", "pip", "download", "--quiet", "--no-deps", "--only-binary", ":all:", "-d"]).arg(&download).arg(MLX_CPU_WHEEL))?;
+    let wheel = std::fs::read_dir(&download)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .context("pip downloaded no wheel")?;
+    let _ = std::fs::remove_dir_all(&dest);
+    // Keep the wheel's layout: libmlx.so finds its bundled BLAS through $ORIGIN/../../mlx_cpu.libs.
+    run_checked(Command::new(&python).args(["-m", "zipfile", "-e"]).arg(&wheel).arg(&dest))?;
+    if !dest.join("mlx/lib/libmlx.so").exists() {
+        bail!("{} has no mlx/lib/libmlx.so", wheel.display());
+    }
+    std::fs::write(&marker, MLX_CPU_WHEEL)?;
+    let _ = std::fs::remove_dir_all(&download);
+    eprintln!("xtask: MLX CPU library in {}", dest.display());
+    Ok(())
+}
+
+fn has_libclang() -> bool {
+    ["/usr/lib/llvm-14/lib", "/usr/lib/llvm-15/lib", "/usr/lib/llvm-16/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu"]
+        .iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flatten()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().starts_with("libclang.so"))
+}
+
+pub fn which(program: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}
