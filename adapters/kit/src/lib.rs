@@ -79,6 +79,10 @@ pub fn render_chat_template(
     add_generation_prompt: bool,
     tokens: &TokenizerConfig,
 ) -> Result<String, String> {
+    if messages.is_empty() {
+        // As transformers does, before any template runs.
+        return Err("Cannot apply chat template to an empty conversation. Provide at least one message.".into());
+    }
     let mut env = Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
@@ -100,9 +104,7 @@ pub fn render_chat_template(
     env.get_template("chat")
         .and_then(|t| t.render(context))
         .map_err(|e| match e.kind() {
-            ErrorKind::InvalidOperation if e.detail().is_some() && is_raised(&e) => {
-                e.detail().unwrap_or_default().to_owned()
-            }
+            ErrorKind::InvalidOperation if is_raised(&e) => e.detail().unwrap_or_default()[RAISED.len()..].to_owned(),
             _ => format!("chat template failed: {}", describe(&e)),
         })
 }
@@ -146,9 +148,9 @@ mod tests {
 
     #[test]
     fn raise_exception_surfaces_its_message() {
-        let tpl = "{% if messages|length == 0 %}{{ raise_exception('no messages') }}{% endif %}ok";
-        let err = render_chat_template(tpl, &[], false, &TokenizerConfig::default()).unwrap_err();
-        assert_eq!(err, "no messages");
+        let tpl = "{% if messages[0].content == 'bad' %}{{ raise_exception('bad message') }}{% endif %}ok";
+        let err = render_chat_template(tpl, &[msg("user", "bad")], false, &TokenizerConfig::default()).unwrap_err();
+        assert_eq!(err, "bad message");
         assert_eq!(render_chat_template(tpl, &[msg("user", "x")], false, &Default::default()).unwrap(), "ok");
     }
 
