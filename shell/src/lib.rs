@@ -6,5 +6,6 @@ pub mod adapter;
 pub mod catalog;
 pub mod cli;
 pub mod commands;
+pub mod engine;
 pub mod host;
 pub mod paths;

@@ -2,8 +2,10 @@
 //! (MLX format) or imported GGUF files. Compiled to a WebAssembly component; see wit/ for the contract.
 
 mod catalog;
+mod gemma3_text;
 
 use adapter_kit::{render_chat_template, ChatMessage, TokenizerConfig};
+use std::cell::RefCell;
 
 wit_bindgen::generate!({
     path: "../../wit/v0.1.0",
@@ -64,36 +66,40 @@ impl prompt::Guest for Gemma {
 }
 
 /// Per-conversation state of the Gemma 3 graph (KV caches).
-pub struct GemmaCache;
+pub struct GemmaCache(RefCell<gemma3_text::Cache>);
 
 /// A loaded Gemma 3 model.
-pub struct GemmaModel;
+pub struct GemmaModel(gemma3_text::Gemma3);
 
 impl runtime::GuestCache for GemmaCache {
     fn length(&self) -> u32 {
-        0
+        self.0.borrow().length()
     }
 
     fn trim(&self, length: u32) -> Result<(), String> {
-        if length == 0 { Ok(()) } else { Err(format!("cannot keep {length} tokens of an empty cache")) }
+        self.0.borrow_mut().layers.iter_mut().try_for_each(|kv| kv.trim(length))
     }
 }
 
 impl runtime::GuestModel for GemmaModel {
     fn load() -> Result<runtime::Model, String> {
-        Err("the Gemma 3 graph is not part of this adapter version yet".into())
+        Ok(runtime::Model::new(GemmaModel(gemma3_text::Gemma3::load()?)))
     }
 
     fn vocab_size(&self) -> u32 {
-        0
+        self.0.config.vocab
     }
 
     fn new_cache(&self) -> runtime::Cache {
-        runtime::Cache::new(GemmaCache)
+        runtime::Cache::new(GemmaCache(RefCell::new(self.0.new_cache())))
     }
 
-    fn forward(&self, _tokens: Vec<u32>, _cache: runtime::CacheBorrow<'_>) -> Result<runtime::Array, String> {
-        Err("the Gemma 3 graph is not part of this adapter version yet".into())
+    fn forward(&self, tokens: Vec<u32>, cache: runtime::CacheBorrow<'_>, all_positions: bool) -> Result<runtime::Array, String> {
+        if tokens.is_empty() {
+            return Err("forward needs at least one token".into());
+        }
+        let cache = cache.get::<GemmaCache>();
+        self.0.forward(&tokens, &mut cache.0.borrow_mut(), all_positions)
     }
 }
 

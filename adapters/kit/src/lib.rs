@@ -19,6 +19,7 @@ pub mod wit {
     });
 }
 
+pub mod nn;
 pub mod selftest;
 
 /// One chat message as the template sees it.

@@ -2,8 +2,10 @@
 //! Compiled to a WebAssembly component; see wit/ for the contract.
 
 mod catalog;
+mod lfm2;
 
 use adapter_kit::{render_chat_template, ChatMessage, TokenizerConfig};
+use std::cell::RefCell;
 
 wit_bindgen::generate!({
     path: "../../wit/v0.1.0",
@@ -63,37 +65,41 @@ impl prompt::Guest for Leap {
     }
 }
 
-/// Per-conversation state of the LFM2 graph (KV caches).
-pub struct LfmCache;
+/// Per-conversation state of the LFM2 graph (KV caches and conv state).
+pub struct LfmCache(RefCell<lfm2::Cache>);
 
 /// A loaded LFM2 model.
-pub struct LfmModel;
+pub struct LfmModel(lfm2::Lfm2);
 
 impl runtime::GuestCache for LfmCache {
     fn length(&self) -> u32 {
-        0
+        self.0.borrow().length()
     }
 
     fn trim(&self, length: u32) -> Result<(), String> {
-        if length == 0 { Ok(()) } else { Err(format!("cannot keep {length} tokens of an empty cache")) }
+        self.0.borrow_mut().trim(length)
     }
 }
 
 impl runtime::GuestModel for LfmModel {
     fn load() -> Result<runtime::Model, String> {
-        Err("the LFM2 graph is not part of this adapter version yet".into())
+        Ok(runtime::Model::new(LfmModel(lfm2::Lfm2::load()?)))
     }
 
     fn vocab_size(&self) -> u32 {
-        0
+        self.0.config.vocab
     }
 
     fn new_cache(&self) -> runtime::Cache {
-        runtime::Cache::new(LfmCache)
+        runtime::Cache::new(LfmCache(RefCell::new(self.0.new_cache())))
     }
 
-    fn forward(&self, _tokens: Vec<u32>, _cache: runtime::CacheBorrow<'_>) -> Result<runtime::Array, String> {
-        Err("the LFM2 graph is not part of this adapter version yet".into())
+    fn forward(&self, tokens: Vec<u32>, cache: runtime::CacheBorrow<'_>, all_positions: bool) -> Result<runtime::Array, String> {
+        if tokens.is_empty() {
+            return Err("forward needs at least one token".into());
+        }
+        let cache = cache.get::<LfmCache>();
+        self.0.forward(&tokens, &mut cache.0.borrow_mut(), all_positions)
     }
 }
 

@@ -170,11 +170,13 @@ fn verify_world(engine: &Engine, component: &Component) -> Result<String> {
 pub struct Session {
     adapter: Adapter,
     live: Option<(Store<HostState>, bindings::Adapter)>,
+    /// Counts instances made; resources (models, caches) belong to the instance that made them.
+    instance: u64,
 }
 
 impl Adapter {
     pub fn instantiate(&self) -> Result<Session> {
-        let mut session = Session { adapter: self.clone(), live: None };
+        let mut session = Session { adapter: self.clone(), live: None, instance: 0 };
         session.ensure_live()?;
         Ok(session)
     }
@@ -197,8 +199,20 @@ impl Session {
                 .map_err(anyhow::Error::from)
                 .with_context(|| format!("instantiating adapter {}", self.adapter.path.display()))?;
             self.live = Some((store, bindings));
+            self.instance += 1;
         }
         Ok(())
+    }
+
+    /// Which instance is live now; a trap replaces it, invalidating the resources it held.
+    pub fn instance(&self) -> u64 {
+        self.instance
+    }
+
+    /// The live instance's host state (its tensors, its open checkpoint).
+    pub fn state_mut(&mut self) -> Result<&mut HostState> {
+        self.ensure_live()?;
+        Ok(self.live.as_mut().expect("instance is live").0.data_mut())
     }
 
     /// Runs one export under a fresh fuel budget. A trap (including any sandbox limit) discards the

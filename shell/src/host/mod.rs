@@ -39,7 +39,7 @@ pub struct HostState {
     pub table: ResourceTable,
     pub limits: StoreLimits,
     pub tensors: tensor::Tensors,
-    pub weights: Option<Box<dyn weights::Checkpoint>>,
+    pub weights: Option<weights::OpenCheckpoint>,
     pub net: net::NetPolicy,
 }
 

@@ -61,6 +61,24 @@ impl Backend for MlxBackend {
         Ok(Array::from_slice(data, shape))
     }
 
+    fn from_bytes(&self, dtype: DType, bytes: &[u8], shape: &[i32]) -> OpResult<Array> {
+        if bytes.len() % dtype.size() != 0 {
+            return Err(format!("{} bytes are not a whole number of {dtype:?} elements", bytes.len()));
+        }
+        let n = bytes.len() / dtype.size();
+        checked_len(n, shape)?;
+        let u16s = || bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+        let u32s = || bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+        Ok(match dtype {
+            DType::F32 => Array::from_slice(&u32s().map(f32::from_bits).collect::<Vec<_>>(), shape),
+            DType::F16 => Array::from_slice(&u16s().map(half::f16::from_bits).collect::<Vec<_>>(), shape),
+            DType::BF16 => Array::from_slice(&u16s().map(half::bf16::from_bits).collect::<Vec<_>>(), shape),
+            DType::I32 => Array::from_slice(&u32s().map(|v| v as i32).collect::<Vec<_>>(), shape),
+            DType::U32 => Array::from_slice(&u32s().collect::<Vec<_>>(), shape),
+            DType::U8 => Array::from_slice(bytes, shape),
+        })
+    }
+
     fn shape(&self, a: &Array) -> Vec<i32> {
         a.shape().to_vec()
     }
@@ -82,6 +100,14 @@ impl Backend for MlxBackend {
 
     fn quantized_matmul(&self, x: &Array, w: &Array, scales: &Array, biases: &Array, transpose: bool, group_size: i32, bits: i32) -> OpResult<Array> {
         ops::quantized_matmul(x, w, scales, biases, transpose, group_size, bits).map_err(err)
+    }
+
+    fn dequantize(&self, w: &Array, scales: &Array, biases: &Array, group_size: i32, bits: i32) -> OpResult<Array> {
+        ops::dequantize(w, scales, biases, group_size, bits).map_err(err)
+    }
+
+    fn quantize(&self, w: &Array, group_size: i32, bits: i32) -> OpResult<(Array, Array, Array)> {
+        ops::quantize(w, group_size, bits).map_err(err)
     }
 
     fn add(&self, a: &Array, b: &Array) -> OpResult<Array> {

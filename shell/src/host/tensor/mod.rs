@@ -59,12 +59,17 @@ pub trait Backend {
     fn name(&self) -> String;
     fn from_f32(&self, data: &[f32], shape: &[i32]) -> OpResult<Self::Array>;
     fn from_i32(&self, data: &[i32], shape: &[i32]) -> OpResult<Self::Array>;
+    /// An array from little-endian raw element bytes (checkpoint data; need not be aligned).
+    fn from_bytes(&self, dtype: DType, bytes: &[u8], shape: &[i32]) -> OpResult<Self::Array>;
     fn shape(&self, a: &Self::Array) -> Vec<i32>;
     fn dtype(&self, a: &Self::Array) -> DType;
 
     fn matmul(&self, a: &Self::Array, b: &Self::Array) -> OpResult<Self::Array>;
     #[allow(clippy::too_many_arguments)]
     fn quantized_matmul(&self, x: &Self::Array, w: &Self::Array, scales: &Self::Array, biases: &Self::Array, transpose: bool, group_size: i32, bits: i32) -> OpResult<Self::Array>;
+    fn dequantize(&self, w: &Self::Array, scales: &Self::Array, biases: &Self::Array, group_size: i32, bits: i32) -> OpResult<Self::Array>;
+    /// MLX affine quantization of a float matrix: (packed weight, scales, biases).
+    fn quantize(&self, w: &Self::Array, group_size: i32, bits: i32) -> OpResult<(Self::Array, Self::Array, Self::Array)>;
     fn add(&self, a: &Self::Array, b: &Self::Array) -> OpResult<Self::Array>;
     fn subtract(&self, a: &Self::Array, b: &Self::Array) -> OpResult<Self::Array>;
     fn multiply(&self, a: &Self::Array, b: &Self::Array) -> OpResult<Self::Array>;
@@ -141,17 +146,17 @@ fn from_dtype(d: DType) -> wit::Dtype {
     }
 }
 
-type Handle = Resource<TensorHandle>;
+pub(crate) type Handle = Resource<TensorHandle>;
 type Outcome<T> = wasmtime::Result<Result<T, String>>;
 
 impl HostState {
-    fn array(&self, h: &Handle) -> wasmtime::Result<&BackendArray> {
+    pub(crate) fn array(&self, h: &Handle) -> wasmtime::Result<&BackendArray> {
         Ok(&self.table.get(h)?.array)
     }
 
     /// Registers a new array, enforcing the caps. Exceeding one traps: the adapter is misbehaving or
     /// leaking, and stopping the call is the only safe answer.
-    fn adopt(&mut self, result: OpResult<BackendArray>) -> Outcome<Handle> {
+    pub(crate) fn adopt(&mut self, result: OpResult<BackendArray>) -> Outcome<Handle> {
         let array = match result {
             Ok(a) => a,
             Err(e) => return Ok(Err(e)),
@@ -252,6 +257,12 @@ impl wit::Host for HostState {
             group_size as i32,
             bits as i32,
         );
+        self.adopt(result)
+    }
+
+    fn dequantize(&mut self, w: Handle, scales: Handle, biases: Handle, group_size: u32, bits: u32) -> Outcome<Handle> {
+        let be = &self.tensors.backend;
+        let result = be.dequantize(self.array(&w)?, self.array(&scales)?, self.array(&biases)?, group_size as i32, bits as i32);
         self.adopt(result)
     }
 

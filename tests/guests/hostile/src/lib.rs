@@ -97,7 +97,7 @@ impl runtime::GuestModel for NoModel {
         runtime::Cache::new(NoCache)
     }
 
-    fn forward(&self, _tokens: Vec<u32>, _cache: runtime::CacheBorrow<'_>) -> Result<tensor::Array, String> {
+    fn forward(&self, _tokens: Vec<u32>, _cache: runtime::CacheBorrow<'_>, _all_positions: bool) -> Result<tensor::Array, String> {
         Err("no model".into())
     }
 }

@@ -1,0 +1,297 @@
+//! Building blocks for model graphs over the host's `tensor` interface: linear layers (dense or
+//! MLX-quantized), embeddings usable as a tied output head, and caches that remember a bounded history
+//! so a conversation can be resumed from a shared prefix.
+
+use crate::wit::edgechat::adapter::tensor::{self, Array, Mask, RopeParams};
+use crate::wit::edgechat::adapter::weights::{self, Entry, QuantizedEntry};
+
+pub type R<T> = Result<T, String>;
+
+/// A tensor the model cannot run without.
+pub fn load(name: &str) -> R<Entry> {
+    weights::get(name)
+}
+
+/// A dense tensor (dequantized if stored quantized), e.g. a norm weight.
+pub fn load_dense(name: &str) -> R<Array> {
+    match load(name)? {
+        Entry::Dense(a) => Ok(a),
+        Entry::Quantized(q) => tensor::dequantize(&q.weight, &q.scales, &q.biases, q.group_size, q.bits),
+    }
+}
+
+/// y = x W^T.
+pub enum Linear {
+    /// Holds W^T (a lazy transposed view: no copy).
+    Dense(Array),
+    Quantized(QuantizedEntry),
+}
+
+impl Linear {
+    pub fn load(name: &str) -> R<Self> {
+        Ok(match load(name)? {
+            Entry::Dense(w) => Linear::Dense(tensor::transpose(&w, &[1, 0])?),
+            Entry::Quantized(q) => Linear::Quantized(q),
+        })
+    }
+
+    pub fn forward(&self, x: &Array) -> R<Array> {
+        match self {
+            Linear::Dense(wt) => tensor::matmul(x, wt),
+            Linear::Quantized(q) => tensor::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits),
+        }
+    }
+}
+
+/// Token embeddings [vocab, hidden], also usable as the output head when tied.
+pub enum Embedding {
+    Dense(Array),
+    Quantized(QuantizedEntry),
+}
+
+impl Embedding {
+    pub fn load(name: &str) -> R<Self> {
+        Ok(match load(name)? {
+            Entry::Dense(w) => Embedding::Dense(w),
+            Entry::Quantized(q) => Embedding::Quantized(q),
+        })
+    }
+
+    /// Vocabulary size.
+    pub fn rows(&self) -> u32 {
+        match self {
+            Embedding::Dense(table) => table.shape()[0],
+            Embedding::Quantized(q) => q.weight.shape()[0],
+        }
+    }
+
+    /// ids [batch, seq] (int32) -> [batch, seq, hidden].
+    pub fn lookup(&self, ids: &Array) -> R<Array> {
+        match self {
+            Embedding::Dense(table) => tensor::take(table, ids, 0),
+            Embedding::Quantized(q) => {
+                let rows = |a: &Array| tensor::take(a, ids, 0);
+                tensor::dequantize(&rows(&q.weight)?, &rows(&q.scales)?, &rows(&q.biases)?, q.group_size, q.bits)
+            }
+        }
+    }
+
+    /// x [.., hidden] -> logits [.., vocab].
+    pub fn as_linear(&self, x: &Array) -> R<Array> {
+        match self {
+            Embedding::Dense(table) => tensor::matmul(x, &tensor::transpose(table, &[1, 0])?),
+            Embedding::Quantized(q) => tensor::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits),
+        }
+    }
+}
+
+/// How many positions beyond what attention or convolution needs a bounded cache keeps, so that a
+/// conversation can still be resumed after trimming this many tokens.
+pub const TRIM_SLACK: u32 = 256;
+
+/// The recent history of one per-position tensor (keys, values, conv inputs) along `axis`.
+/// It covers positions `start..end`; with `keep = Some(n)` only the last n are retained.
+pub struct History {
+    data: Option<Array>,
+    axis: u32,
+    start: u32,
+    end: u32,
+    keep: Option<u32>,
+    /// Positions the next step needs before `end` (window - 1 for sliding attention, kernel - 1 for conv).
+    needs: u32,
+}
+
+impl History {
+    pub fn unbounded(axis: u32) -> Self {
+        History { data: None, axis, start: 0, end: 0, keep: None, needs: 0 }
+    }
+
+    /// Keeps `needs` positions plus [`TRIM_SLACK`].
+    pub fn bounded(axis: u32, needs: u32) -> Self {
+        History { data: None, axis, start: 0, end: 0, keep: Some(needs + TRIM_SLACK), needs }
+    }
+
+    pub fn start(&self) -> u32 {
+        self.start
+    }
+
+    pub fn end(&self) -> u32 {
+        self.end
+    }
+
+    pub fn data(&self) -> Option<&Array> {
+        self.data.as_ref()
+    }
+
+    /// Appends `new` (covering `count` positions). The whole history, new part included, is then
+    /// `data()` until [`History::compact`] drops what is no longer needed.
+    pub fn append(&mut self, new: Array, count: u32) -> R<()> {
+        self.data = Some(match self.data.take() {
+            Some(old) => tensor::concatenate(&[&old, &new], self.axis as i32)?,
+            None => new,
+        });
+        self.end += count;
+        Ok(())
+    }
+
+    /// Drops positions beyond what a bounded history keeps.
+    pub fn compact(&mut self) -> R<()> {
+        let held = self.end - self.start;
+        if let (Some(keep), Some(data)) = (self.keep, &self.data) {
+            if held > keep {
+                let dropped = held - keep;
+                self.data = Some(slice_axis(data, self.axis, dropped, held)?);
+                self.start += dropped;
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets everything from position `length` on.
+    pub fn trim(&mut self, length: u32) -> R<()> {
+        if length >= self.end {
+            return Ok(());
+        }
+        if length == 0 {
+            *self = History { data: None, start: 0, end: 0, ..*self };
+            return Ok(());
+        }
+        if self.start > length.saturating_sub(self.needs) {
+            return Err(format!(
+                "cannot resume at token {length}: only tokens {}..{} are still cached",
+                self.start, self.end
+            ));
+        }
+        let data = self.data.as_ref().ok_or("empty cache")?;
+        self.data = Some(slice_axis(data, self.axis, 0, length - self.start)?);
+        self.end = length;
+        Ok(())
+    }
+}
+
+/// a[.., from..to, ..] along `axis`.
+pub fn slice_axis(a: &Array, axis: u32, from: u32, to: u32) -> R<Array> {
+    let shape = a.shape();
+    let mut start = vec![0i32; shape.len()];
+    let mut stop: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+    start[axis as usize] = from as i32;
+    stop[axis as usize] = to as i32;
+    tensor::slice(a, &start, &stop)
+}
+
+/// Keys and values of one attention layer, [batch, kv_heads, positions, head_dim].
+pub struct KvCache {
+    pub keys: History,
+    pub values: History,
+    /// Sliding-window size, if the layer attends locally.
+    pub window: Option<u32>,
+}
+
+impl KvCache {
+    pub fn new(window: Option<u32>) -> Self {
+        let history = || match window {
+            Some(w) => History::bounded(2, w - 1),
+            None => History::unbounded(2),
+        };
+        KvCache { keys: history(), values: history(), window }
+    }
+
+    pub fn offset(&self) -> u32 {
+        self.keys.end()
+    }
+
+    pub fn trim(&mut self, length: u32) -> R<()> {
+        self.keys.trim(length)?;
+        self.values.trim(length)
+    }
+
+    /// Attention of `q` [b, h, t, d] (already rotated) over the cached keys plus `k`, `v` (the new ones).
+    pub fn attend(&mut self, q: &Array, k: Array, v: Array, scale: f32) -> R<Array> {
+        let t = q.shape()[2];
+        let first = self.offset();
+        self.keys.append(k, t)?;
+        self.values.append(v, t)?;
+        let (keys, values) = (self.keys.data().ok_or("no keys")?, self.values.data().ok_or("no values")?);
+        let key_start = self.keys.start();
+        let mask = attention_mask(first, t, key_start, self.keys.end() - key_start, self.window, q)?;
+        let out = match &mask {
+            Some(m) => tensor::attention(q, keys, values, scale, &Mask::Explicit(m))?,
+            None if t > 1 => tensor::attention(q, keys, values, scale, &Mask::Causal)?,
+            None => tensor::attention(q, keys, values, scale, &Mask::None)?,
+        };
+        self.keys.compact()?;
+        self.values.compact()?;
+        Ok(out)
+    }
+}
+
+/// The explicit mask a block of `t` queries (positions first..first+t) needs over keys at positions
+/// key_start..key_start+k, or None when plain causal masking (aligned to the last key) is exact.
+/// Query i sees key j iff j <= i and, in a sliding layer, i - window < j.
+fn attention_mask(first: u32, t: u32, key_start: u32, k: u32, window: Option<u32>, like: &Array) -> R<Option<Array>> {
+    let Some(window) = window else { return Ok(None) };
+    let oldest_needed = (first + 1).saturating_sub(window);
+    if key_start >= oldest_needed && t == 1 {
+        return Ok(None); // one query, every key within its window
+    }
+    let mut mask = Vec::with_capacity((t * k) as usize);
+    for i in first..first + t {
+        for j in key_start..key_start + k {
+            let visible = j <= i && j + window > i;
+            mask.push(if visible { 0.0 } else { f32::NEG_INFINITY });
+        }
+    }
+    let mask = Array::from_f32(&mask, &[1, 1, t, k])?;
+    Ok(Some(tensor::astype(&mask, like.dtype())?))
+}
+
+/// Rotary embedding of x [b, h, t, d] starting at `offset`, rotating halves (Gemma, LFM2).
+pub fn rope(x: &Array, dims: u32, base: f32, scale: f32, offset: u32) -> R<Array> {
+    tensor::rope(x, RopeParams { dims, traditional: false, base, scale, offset })
+}
+
+/// [b, t, heads * d] -> [b, heads, t, d].
+pub fn split_heads(x: &Array, heads: u32, head_dim: u32) -> R<Array> {
+    let s = x.shape();
+    let x = tensor::reshape(x, &[s[0] as i32, s[1] as i32, heads as i32, head_dim as i32])?;
+    tensor::transpose(&x, &[0, 2, 1, 3])
+}
+
+/// [b, heads, t, d] -> [b, t, heads * d].
+pub fn merge_heads(x: &Array) -> R<Array> {
+    let s = x.shape();
+    let x = tensor::transpose(x, &[0, 2, 1, 3])?;
+    tensor::reshape(&x, &[s[0] as i32, s[2] as i32, (s[1] * s[3]) as i32])
+}
+
+/// Token ids as an int32 [1, t] array.
+pub fn token_ids(tokens: &[u32]) -> R<Array> {
+    let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+    Array::from_i32(&ids, &[1, tokens.len() as u32])
+}
+
+/// Hidden states [1, t, hidden] -> those of the last position only [1, 1, hidden].
+pub fn last_position(h: &Array) -> R<Array> {
+    let t = h.shape()[1];
+    slice_axis(h, 1, t - 1, t)
+}
+
+/// Logits [1, t, vocab] as f32 [t, vocab].
+pub fn finish_logits(logits: &Array) -> R<Array> {
+    let s = logits.shape();
+    let logits = tensor::astype(logits, tensor::Dtype::Float32)?;
+    tensor::reshape(&logits, &[s[1] as i32, s[2] as i32])
+}
+
+/// Reads a config value: the first of `keys` present (dotted paths into nested objects).
+pub fn config_value<'a>(config: &'a serde_json::Value, keys: &[&str]) -> Option<&'a serde_json::Value> {
+    keys.iter().find_map(|key| key.split('.').try_fold(config, |v, part| v.get(part)).filter(|v| !v.is_null()))
+}
+
+pub fn config_u32(config: &serde_json::Value, keys: &[&str]) -> R<u32> {
+    config_value(config, keys).and_then(|v| v.as_u64()).map(|v| v as u32).ok_or_else(|| format!("config has no {}", keys[0]))
+}
+
+pub fn config_f32(config: &serde_json::Value, keys: &[&str]) -> Option<f32> {
+    config_value(config, keys).and_then(|v| v.as_f64()).map(|v| v as f32)
+}

@@ -1,0 +1,86 @@
+//! A model loaded into its adapter, and the forward pass: the adapter builds the graph through the
+//! `tensor` import, the shell evaluates it and reads the logits back.
+
+use crate::adapter::{Adapter, Session};
+use crate::host::tensor::{Backend, TensorHandle};
+use crate::host::weights::OpenCheckpoint;
+use anyhow::{bail, Context, Result};
+use wasmtime::component::{Resource, ResourceAny};
+
+pub struct Model {
+    session: Session,
+    model: ResourceAny,
+    /// The adapter instance the model lives in.
+    instance: u64,
+    pub vocab: u32,
+}
+
+/// One conversation's state inside the adapter (KV caches, conv state).
+pub struct Cache {
+    resource: ResourceAny,
+    instance: u64,
+}
+
+impl Model {
+    /// Loads a checkpoint through `adapter`; the checkpoint is visible to it only during the load.
+    pub fn load(adapter: &Adapter, checkpoint: OpenCheckpoint) -> Result<Model> {
+        let mut session = adapter.instantiate()?;
+        session.state_mut()?.weights = Some(checkpoint);
+        let loaded = session.call("runtime.model.load", |store, b| b.edgechat_adapter_runtime().model().call_load(store));
+        session.state_mut()?.weights = None;
+        let model = loaded.with_context(|| format!("adapter `{}` could not load the model", adapter.name()))?;
+        let vocab = session.call("model.vocab-size", |store, b| Ok(Ok(b.edgechat_adapter_runtime().model().call_vocab_size(store, model)?)))?;
+        let instance = session.instance();
+        Ok(Model { session, model, instance, vocab })
+    }
+
+    fn check_live(&self, instance: u64) -> Result<()> {
+        if self.session.instance() != self.instance || instance != self.instance {
+            bail!("adapter `{}` was restarted after an error; load the model again", self.session.adapter().name());
+        }
+        Ok(())
+    }
+
+    pub fn new_cache(&mut self) -> Result<Cache> {
+        self.check_live(self.instance)?;
+        let model = self.model;
+        let resource = self.session.call("model.new-cache", |store, b| Ok(Ok(b.edgechat_adapter_runtime().model().call_new_cache(store, model)?)))?;
+        Ok(Cache { resource, instance: self.instance })
+    }
+
+    /// Runs `tokens` after what `cache` holds. Returns logits for every position ([tokens * vocab]) or for
+    /// the last one ([vocab]).
+    pub fn forward(&mut self, tokens: &[u32], cache: &Cache, all_positions: bool) -> Result<Vec<f32>> {
+        self.check_live(cache.instance)?;
+        if let Some(&bad) = tokens.iter().find(|&&t| t >= self.vocab) {
+            bail!("token id {bad} is outside the vocabulary (size {})", self.vocab);
+        }
+        let (model, cache) = (self.model, cache.resource);
+        let logits: Resource<TensorHandle> = self.session.call("model.forward", |store, b| {
+            b.edgechat_adapter_runtime().model().call_forward(store, model, tokens, cache, all_positions)
+        })?;
+        let state = self.session.state_mut()?;
+        let values = state.array(&logits).map_err(anyhow::Error::from).and_then(|a| state.tensors.backend.read_f32(a).map_err(anyhow::Error::msg));
+        crate::adapter::bindings::edgechat::adapter::tensor::HostArray::drop(state, logits)?;
+        let values = values.context("evaluating the model's graph")?;
+        let expected = if all_positions { tokens.len() } else { 1 } * self.vocab as usize;
+        if values.len() != expected {
+            bail!("adapter returned {} logits, expected {expected}", values.len());
+        }
+        Ok(values)
+    }
+
+    pub fn cache_length(&mut self, cache: &Cache) -> Result<u32> {
+        self.check_live(cache.instance)?;
+        let resource = cache.resource;
+        Ok(self.session.call("cache.length", |store, b| Ok(Ok(b.edgechat_adapter_runtime().cache().call_length(store, resource)?)))?)
+    }
+
+    /// Keeps the first `length` tokens of the cache. Fails if the cache no longer holds what resuming
+    /// there needs (sliding windows keep a bounded history); start a new cache then.
+    pub fn trim(&mut self, cache: &Cache, length: u32) -> Result<()> {
+        self.check_live(cache.instance)?;
+        let resource = cache.resource;
+        Ok(self.session.call("cache.trim", |store, b| b.edgechat_adapter_runtime().cache().call_trim(store, resource, length))?)
+    }
+}

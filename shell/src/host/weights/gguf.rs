@@ -1,0 +1,1 @@
+//! GGUF checkpoints (llama.cpp). Not yet supported by this build.
