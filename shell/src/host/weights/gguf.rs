@@ -1,1 +1,349 @@
-//! GGUF checkpoints (llama.cpp). Not yet supported by this build.
+//! GGUF checkpoints (llama.cpp's single-file format): metadata, tensor directory, and exact
+//! dequantization of F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K to f32 on
+//! import, following ggml's reference dequantizers operation for operation.
+
+use super::{Checkpoint, Loaded};
+use crate::adapter::bindings::edgechat::adapter::weights::CheckpointFormat;
+use crate::host::tensor::{ActiveBackend, Backend};
+use anyhow::{bail, Context, Result};
+use half::f16;
+use memmap2::Mmap;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8; 4] = b"GGUF";
+/// Metadata arrays longer than this (vocabularies, merges) are not passed to adapters.
+const MAX_ARRAY_IN_CONFIG: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl GgmlType {
+    fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            2 => Self::Q4_0,
+            3 => Self::Q4_1,
+            6 => Self::Q5_0,
+            7 => Self::Q5_1,
+            8 => Self::Q8_0,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
+            30 => Self::BF16,
+            _ => return None,
+        })
+    }
+
+    /// (elements per block, bytes per block)
+    fn block(self) -> (usize, usize) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::BF16 => (1, 2),
+            Self::Q4_0 => (32, 18),
+            Self::Q4_1 => (32, 20),
+            Self::Q5_0 => (32, 22),
+            Self::Q5_1 => (32, 24),
+            Self::Q8_0 => (32, 34),
+            Self::Q4K => (256, 144),
+            Self::Q5K => (256, 176),
+            Self::Q6K => (256, 210),
+        }
+    }
+}
+
+struct TensorEntry {
+    /// ggml type id as stored (unsupported types are reported when the tensor is requested).
+    type_id: u32,
+    /// Row-major shape (GGUF lists dimensions innermost first; reversed here).
+    shape: Vec<usize>,
+    offset: usize,
+}
+
+pub struct GgufCheckpoint {
+    path: PathBuf,
+    map: Mmap,
+    metadata: Map<String, Value>,
+    tensors: BTreeMap<String, TensorEntry>,
+    data_start: usize,
+}
+
+/// A bounds-checked little-endian reader over the file.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len()).context("file ends inside the header (truncated?)")?;
+        let s = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into()?))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into()?))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into()?))
+    }
+    /// A count or byte length: each counted item takes at least a byte of what is left of the file.
+    fn len(&mut self) -> Result<usize> {
+        let n = self.u64()?;
+        let left = self.bytes.len() - self.at;
+        usize::try_from(n).ok().filter(|&n| n <= left).with_context(|| format!("a length of {n} runs past the end of the file (truncated?)"))
+    }
+    fn size(&mut self) -> Result<usize> {
+        let n = self.u64()?;
+        usize::try_from(n).with_context(|| format!("size {n} does not fit in memory"))
+    }
+    fn string(&mut self) -> Result<String> {
+        let n = self.len()?;
+        Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
+    }
+
+    fn value(&mut self, type_id: u32) -> Result<Value> {
+        Ok(match type_id {
+            0 => self.u8()?.into(),
+            1 => (self.u8()? as i8).into(),
+            2 => self.u16()?.into(),
+            3 => (self.u16()? as i16).into(),
+            4 => self.u32()?.into(),
+            5 => (self.u32()? as i32).into(),
+            6 => Value::from(f32::from_bits(self.u32()?) as f64),
+            7 => (self.u8()? != 0).into(),
+            8 => self.string()?.into(),
+            9 => {
+                let item_type = self.u32()?;
+                let n = self.len()?;
+                let mut items = Vec::with_capacity(n.min(MAX_ARRAY_IN_CONFIG));
+                for _ in 0..n {
+                    let v = self.value(item_type)?;
+                    if items.len() < MAX_ARRAY_IN_CONFIG {
+                        items.push(v);
+                    }
+                }
+                if n > MAX_ARRAY_IN_CONFIG {
+                    Value::Null // left out of the config
+                } else {
+                    Value::Array(items)
+                }
+            }
+            10 => self.u64()?.into(),
+            11 => (self.u64()? as i64).into(),
+            12 => Value::from(f64::from_bits(self.u64()?)),
+            other => bail!("unknown metadata value type {other}"),
+        })
+    }
+}
+
+impl GgufCheckpoint {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: read-only mapping of the user's model file, which edgechat does not modify while open.
+        let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
+        let (metadata, tensors, data_start) = Self::parse(&map).with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
+        Ok(GgufCheckpoint { path: path.to_owned(), map, metadata, tensors, data_start })
+    }
+
+    fn parse(bytes: &[u8]) -> Result<(Map<String, Value>, BTreeMap<String, TensorEntry>, usize)> {
+        let mut r = Reader { bytes, at: 0 };
+        if r.take(4)? != MAGIC {
+            bail!("no GGUF magic");
+        }
+        let version = r.u32()?;
+        if !(2..=3).contains(&version) {
+            bail!("GGUF version {version} is not supported (2 and 3 are)");
+        }
+        let tensor_count = r.len()?;
+        let kv_count = r.len()?;
+        let mut metadata = Map::new();
+        for _ in 0..kv_count {
+            let key = r.string()?;
+            let type_id = r.u32()?;
+            let value = r.value(type_id).with_context(|| format!("metadata {key}"))?;
+            if !value.is_null() {
+                metadata.insert(key, value);
+            }
+        }
+        let mut tensors = BTreeMap::new();
+        for _ in 0..tensor_count {
+            let name = r.string()?;
+            let dims = r.u32()? as usize;
+            if dims > 4 {
+                bail!("tensor {name} has {dims} dimensions");
+            }
+            let mut shape = (0..dims).map(|_| r.size()).collect::<Result<Vec<_>>>()?;
+            shape.reverse();
+            let type_id = r.u32()?;
+            let offset = r.size()?;
+            tensors.insert(name, TensorEntry { type_id, shape, offset });
+        }
+        let alignment = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32) as usize;
+        if alignment == 0 || !alignment.is_power_of_two() {
+            bail!("general.alignment {alignment} is not a power of two");
+        }
+        let data_start = r.at.div_ceil(alignment) * alignment;
+        Ok((metadata, tensors, data_start))
+    }
+
+    pub fn architecture(&self) -> Option<&str> {
+        self.metadata.get("general.architecture").and_then(Value::as_str)
+    }
+
+    pub fn metadata(&self) -> &Map<String, Value> {
+        &self.metadata
+    }
+
+    /// The tensor dequantized to f32, row-major.
+    pub fn dequantize(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), String> {
+        let file = self.path.display();
+        let t = self.tensors.get(name).ok_or_else(|| format!("{file}: no tensor {name}"))?;
+        let ty = GgmlType::from_id(t.type_id).ok_or_else(|| format!("{file}: tensor {name} has ggml type {} which edgechat cannot read", t.type_id))?;
+        let elements = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| format!("{file}: tensor {name} is impossibly large"))?;
+        let (per_block, block_bytes) = ty.block();
+        if elements % per_block != 0 {
+            return Err(format!("{file}: tensor {name} has {elements} elements, not whole {ty:?} blocks"));
+        }
+        let len = elements / per_block * block_bytes;
+        let start = self.data_start.checked_add(t.offset).ok_or_else(|| format!("{file}: tensor {name} offset overflows"))?;
+        let bytes = self
+            .map
+            .get(start..start.saturating_add(len))
+            .ok_or_else(|| format!("{file}: tensor {name} lies outside the file (truncated?)"))?;
+        Ok((dequantize(ty, bytes, elements), t.shape.clone()))
+    }
+}
+
+fn f16_at(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// ggml's get_scale_min_k4: the 6-bit scale and min of sub-block `j` of a K-quant block.
+fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+fn dequantize(ty: GgmlType, bytes: &[u8], elements: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(elements);
+    let (_, block_bytes) = ty.block();
+    match ty {
+        GgmlType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
+        GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
+        GgmlType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
+        _ => {
+            for b in bytes.chunks_exact(block_bytes) {
+                match ty {
+                    GgmlType::Q8_0 => {
+                        let d = f16_at(b, 0);
+                        out.extend(b[2..34].iter().map(|&q| q as i8 as f32 * d));
+                    }
+                    GgmlType::Q4_0 | GgmlType::Q4_1 => {
+                        let d = f16_at(b, 0);
+                        let (m, qs) = if ty == GgmlType::Q4_1 { (f16_at(b, 2), &b[4..20]) } else { (0.0, &b[2..18]) };
+                        let value = |q: u8| if ty == GgmlType::Q4_1 { q as f32 * d + m } else { (q as i32 - 8) as f32 * d };
+                        out.extend(qs.iter().map(|&q| value(q & 0xF)));
+                        out.extend(qs.iter().map(|&q| value(q >> 4)));
+                    }
+                    GgmlType::Q5_0 | GgmlType::Q5_1 => {
+                        let d = f16_at(b, 0);
+                        let (m, at) = if ty == GgmlType::Q5_1 { (f16_at(b, 2), 4) } else { (0.0, 2) };
+                        let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+                        let qs = &b[at + 4..at + 20];
+                        let value = |q: u32| if ty == GgmlType::Q5_1 { q as f32 * d + m } else { (q as i32 - 16) as f32 * d };
+                        out.extend((0..16).map(|j| value((qs[j] & 0xF) as u32 | (((qh >> j) << 4) & 0x10))));
+                        out.extend((0..16).map(|j| value((qs[j] >> 4) as u32 | ((qh >> (j + 12)) & 0x10))));
+                    }
+                    GgmlType::Q4K => {
+                        let (d, dmin, scales, qs) = (f16_at(b, 0), f16_at(b, 2), &b[4..16], &b[16..144]);
+                        for (i, q) in qs.chunks_exact(32).enumerate() {
+                            let (sc1, m1) = scale_min_k4(2 * i, scales);
+                            let (sc2, m2) = scale_min_k4(2 * i + 1, scales);
+                            let (d1, m1, d2, m2) = (d * sc1 as f32, dmin * m1 as f32, d * sc2 as f32, dmin * m2 as f32);
+                            out.extend(q.iter().map(|&x| d1 * (x & 0xF) as f32 - m1));
+                            out.extend(q.iter().map(|&x| d2 * (x >> 4) as f32 - m2));
+                        }
+                    }
+                    GgmlType::Q5K => {
+                        let (d, dmin, scales, qh, qs) = (f16_at(b, 0), f16_at(b, 2), &b[4..16], &b[16..48], &b[48..176]);
+                        for (i, ql) in qs.chunks_exact(32).enumerate() {
+                            let (sc1, m1) = scale_min_k4(2 * i, scales);
+                            let (sc2, m2) = scale_min_k4(2 * i + 1, scales);
+                            let (d1, m1, d2, m2) = (d * sc1 as f32, dmin * m1 as f32, d * sc2 as f32, dmin * m2 as f32);
+                            let (u1, u2) = (1u8 << (2 * i), 2u8 << (2 * i));
+                            out.extend((0..32).map(|l| d1 * ((ql[l] & 0xF) + if qh[l] & u1 != 0 { 16 } else { 0 }) as f32 - m1));
+                            out.extend((0..32).map(|l| d2 * ((ql[l] >> 4) + if qh[l] & u2 != 0 { 16 } else { 0 }) as f32 - m2));
+                        }
+                    }
+                    GgmlType::Q6K => {
+                        let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], f16_at(b, 208));
+                        for n in 0..2 {
+                            let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
+                            let mut y = [0f32; 128];
+                            for l in 0..32 {
+                                let is = l / 16;
+                                let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                                let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                                let s = |k: usize| d * (sc[is + k] as i8) as f32;
+                                y[l] = s(0) * q1 as f32;
+                                y[l + 32] = s(2) * q2 as f32;
+                                y[l + 64] = s(4) * q3 as f32;
+                                y[l + 96] = s(6) * q4 as f32;
+                            }
+                            out.extend_from_slice(&y);
+                        }
+                    }
+                    GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("handled above"),
+                }
+            }
+        }
+    }
+    out
+}
+
+impl Checkpoint for GgufCheckpoint {
+    fn format(&self) -> CheckpointFormat {
+        CheckpointFormat::Gguf
+    }
+
+    fn config(&self) -> String {
+        Value::Object(self.metadata.clone()).to_string()
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.tensors.keys().cloned().collect()
+    }
+
+    fn get(&self, backend: &ActiveBackend, name: &str) -> Result<Loaded, String> {
+        let (values, shape) = self.dequantize(name)?;
+        let shape: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+        let array = backend.from_f32(&values, &shape).map_err(|e| format!("{}: tensor {name}: {e}", self.path.display()))?;
+        Ok(Loaded::Dense(array))
+    }
+}
