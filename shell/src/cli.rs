@@ -39,6 +39,22 @@ enum Command {
     },
     /// Check the toolchain, the tensor backend (through an adapter), the data dir and disk space.
     Doctor,
+    /// Take a GGUF file or a model directory into the data dir (the adapter is chosen from its architecture).
+    Import {
+        /// A .gguf file or a directory with config.json and .safetensors files.
+        source: PathBuf,
+        /// A directory with tokenizer.json (and tokenizer_config.json), if the source has none.
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// The model id to register (default: the file or directory name).
+        #[arg(long)]
+        id: Option<String>,
+        /// The precision `run` uses by default: bf16, f16, f32, q4 or q8.
+        #[arg(long)]
+        dtype: Option<crate::host::weights::Precision>,
+    },
+    /// Stream a reply from a model.
+    Run(commands::run::RunArgs),
 }
 
 #[derive(Subcommand)]
@@ -66,6 +82,8 @@ pub fn main() -> ExitCode {
         Command::Models { json } => commands::models(json),
         Command::Prompt { model, messages, no_generation_prompt } => commands::prompt(&model, &messages, !no_generation_prompt),
         Command::Doctor => commands::doctor::run(),
+        Command::Import { source, tokenizer, id, dtype } => commands::import::import(commands::import::ImportArgs { source, tokenizer, id, dtype }),
+        Command::Run(args) => commands::run::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

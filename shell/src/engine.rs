@@ -1,6 +1,7 @@
 //! A model loaded into its adapter, and the forward pass: the adapter builds the graph through the
 //! `tensor` import, the shell evaluates it and reads the logits back.
 
+use crate::adapter::bindings::exports::edgechat::adapter::prompt::{FormatOptions, Formatted, Message};
 use crate::adapter::{Adapter, Session};
 use crate::host::tensor::{Backend, TensorHandle};
 use crate::host::weights::OpenCheckpoint;
@@ -32,6 +33,11 @@ impl Model {
         let vocab = session.call("model.vocab-size", |store, b| Ok(Ok(b.edgechat_adapter_runtime().model().call_vocab_size(store, model)?)))?;
         let instance = session.instance();
         Ok(Model { session, model, instance, vocab })
+    }
+
+    /// Chat formatting by the same adapter instance.
+    pub fn format(&mut self, messages: &[Message], options: &FormatOptions) -> Result<Formatted> {
+        Ok(self.session.format(messages, options)?)
     }
 
     fn check_live(&self, instance: u64) -> Result<()> {

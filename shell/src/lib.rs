@@ -7,5 +7,7 @@ pub mod catalog;
 pub mod cli;
 pub mod commands;
 pub mod engine;
+pub mod generate;
 pub mod host;
+pub mod models;
 pub mod paths;

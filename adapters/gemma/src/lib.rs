@@ -24,6 +24,10 @@ use exports::edgechat::adapter::{catalog as wit_catalog, info, prompt, runtime};
 const BUILTIN_CHAT_TEMPLATE: &str = include_str!("chat_template.jinja");
 const STOP_SEQUENCES: [&str; 2] = ["<end_of_turn>", "<eos>"];
 
+/// Gemma 3's generation_config.json.
+const DEFAULTS: prompt::GenerationDefaults =
+    prompt::GenerationDefaults { temperature: 1.0, top_k: 64, top_p: 0.95, min_p: 0.0, repetition_penalty: 1.0 };
+
 struct Gemma;
 
 impl info::Guest for Gemma {
@@ -61,7 +65,7 @@ impl prompt::Guest for Gemma {
         let messages: Vec<ChatMessage> =
             messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
         let text = render_chat_template(&template, &messages, options.add_generation_prompt, &config)?;
-        Ok(prompt::Formatted { text, stop_sequences: STOP_SEQUENCES.map(String::from).to_vec() })
+        Ok(prompt::Formatted { text, stop_sequences: STOP_SEQUENCES.map(String::from).to_vec(), defaults: DEFAULTS })
     }
 }
 

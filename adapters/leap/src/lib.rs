@@ -24,6 +24,10 @@ use exports::edgechat::adapter::{catalog as wit_catalog, info, prompt, runtime};
 const BUILTIN_CHAT_TEMPLATE: &str = include_str!("chat_template.jinja");
 const STOP_SEQUENCES: [&str; 2] = ["<|im_end|>", "<|endoftext|>"];
 
+/// Liquid AI's recommended sampling for LFM2.
+const DEFAULTS: prompt::GenerationDefaults =
+    prompt::GenerationDefaults { temperature: 0.3, top_k: 0, top_p: 1.0, min_p: 0.15, repetition_penalty: 1.05 };
+
 struct Leap;
 
 impl info::Guest for Leap {
@@ -61,7 +65,7 @@ impl prompt::Guest for Leap {
         let messages: Vec<ChatMessage> =
             messages.into_iter().map(|m| ChatMessage { role: m.role, content: m.content }).collect();
         let text = render_chat_template(&template, &messages, options.add_generation_prompt, &config)?;
-        Ok(prompt::Formatted { text, stop_sequences: STOP_SEQUENCES.map(String::from).to_vec() })
+        Ok(prompt::Formatted { text, stop_sequences: STOP_SEQUENCES.map(String::from).to_vec(), defaults: DEFAULTS })
     }
 }
 

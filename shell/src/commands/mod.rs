@@ -1,6 +1,8 @@
 //! The CLI commands. Each opens a [`Shell`] (paths, adapter host, discovered adapters) and does one thing.
 
 pub mod doctor;
+pub mod import;
+pub mod run;
 
 use crate::adapter::bindings::exports::edgechat::adapter::{catalog::RuntimeKind, prompt};
 use crate::adapter::{Adapter, AdapterHost, CodeSource, Registry};

@@ -16,6 +16,9 @@ wit_bindgen::generate!({
 use edgechat::adapter::tensor;
 use exports::edgechat::adapter::{catalog, info, prompt, runtime};
 
+const NO_DEFAULTS: prompt::GenerationDefaults =
+    prompt::GenerationDefaults { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0 };
+
 struct Hostile;
 
 impl info::Guest for Hostile {
@@ -53,10 +56,10 @@ impl prompt::Guest for Hostile {
                 for i in 0..1_000_000 {
                     kept.push(tensor::Array::from_f32(&[i as f32], &[1]).map_err(|e| e.to_string())?);
                 }
-                Ok(prompt::Formatted { text: format!("{} handles", kept.len()), stop_sequences: vec![] })
+                Ok(prompt::Formatted { text: format!("{} handles", kept.len()), stop_sequences: vec![], defaults: NO_DEFAULTS })
             }
             "panic" => panic!("hostile adapter panics on purpose"),
-            other => Ok(prompt::Formatted { text: other.to_owned(), stop_sequences: vec![] }),
+            other => Ok(prompt::Formatted { text: other.to_owned(), stop_sequences: vec![], defaults: NO_DEFAULTS }),
         }
     }
 }

@@ -1,0 +1,249 @@
+//! `edgechat run`: load a model through its adapter and stream a reply; interactive chat when no
+//! prompt is given on a terminal.
+
+use super::Shell;
+use crate::adapter::bindings::exports::edgechat::adapter::prompt::{FormatOptions, GenerationDefaults, Message};
+use crate::engine::{Cache, Model};
+use crate::generate::{self, Outcome, Request, SamplingParams, Stops};
+use crate::host::weights::Precision;
+use crate::models::{self, ModelFiles};
+use anyhow::{bail, Context, Result};
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tokenizers::Tokenizer;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// An imported model id, a catalog id (once downloaded), or a model directory / .gguf file.
+    pub model: String,
+    /// What to say. Without it: read stdin, or chat interactively on a terminal.
+    pub prompt: Option<String>,
+    /// Feed the prompt as plain text (with the tokenizer's BOS), without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// Feed these token ids directly (for models without a tokenizer), e.g. 2,17,300.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["prompt", "raw"])]
+    pub input_ids: Option<Vec<u32>>,
+    /// A system prompt for chat.
+    #[arg(long)]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// 0 = greedy. Default: the model family's recommendation.
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub min_p: Option<f32>,
+    #[arg(long)]
+    pub repetition_penalty: Option<f32>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// bf16, f16, f32, q4 or q8. Default: what the import chose.
+    #[arg(long)]
+    pub dtype: Option<Precision>,
+    /// One JSON object per generated token, then a summary.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Set by Ctrl-C: stops the current generation.
+static CANCEL: AtomicBool = AtomicBool::new(false);
+/// Whether a generation is running; Ctrl-C outside one exits.
+static GENERATING: AtomicBool = AtomicBool::new(false);
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let shell = Shell::open()?;
+    let files = models::resolve(&shell, &args.model)?;
+    let precision = files.precision(args.dtype)?;
+    let loaded = Instant::now();
+    let (mut model, tokenizer) = load(&shell, &files, precision)?;
+    tracing::info!("loaded {} at {precision:?} in {:.2}s", args.model, loaded.elapsed().as_secs_f64());
+    let _ = ctrlc::set_handler(|| {
+        if GENERATING.load(Ordering::SeqCst) {
+            CANCEL.store(true, Ordering::SeqCst);
+        } else {
+            std::process::exit(130);
+        }
+    });
+    let mut chat = Chat { model: &mut model, tokenizer: tokenizer.as_ref(), files: &files, args: &args, cache: None, cached: Vec::new() };
+
+    if let Some(ids) = &args.input_ids {
+        return chat.reply_to_tokens(ids.clone(), &[]);
+    }
+    let prompt = match &args.prompt {
+        Some(p) => Some(p.clone()),
+        None if std::io::stdin().is_terminal() => None,
+        None => Some(std::io::read_to_string(std::io::stdin()).context("reading the prompt from stdin")?),
+    };
+    match prompt {
+        Some(prompt) if args.raw => {
+            let tokenizer = tokenizer.as_ref().context("this model has no tokenizer.json: use --input-ids")?;
+            let ids = tokenizer.encode(prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
+            let (stops, _) = chat.format(&[Message { role: "user".into(), content: String::new() }])?;
+            chat.reply_to_tokens(ids, &stops)
+        }
+        Some(prompt) => {
+            let mut history = chat.system_messages();
+            history.push(Message { role: "user".into(), content: prompt });
+            chat.reply(&history).map(|_| ())
+        }
+        None => chat.interactive(),
+    }
+}
+
+pub fn load(shell: &Shell, files: &ModelFiles, precision: Precision) -> Result<(Model, Option<Tokenizer>)> {
+    let adapter = shell.registry.for_architecture(&files.architecture)?;
+    let model = Model::load(adapter, files.open(precision)?)?;
+    Ok((model, files.tokenizer()?))
+}
+
+struct Chat<'a> {
+    model: &'a mut Model,
+    tokenizer: Option<&'a Tokenizer>,
+    files: &'a ModelFiles,
+    args: &'a RunArgs,
+    cache: Option<Cache>,
+    /// Tokens the cache holds.
+    cached: Vec<u32>,
+}
+
+impl Chat<'_> {
+    fn system_messages(&self) -> Vec<Message> {
+        self.args.system.iter().map(|s| Message { role: "system".into(), content: s.clone() }).collect()
+    }
+
+    /// The formatted prompt's stop sequences and sampling defaults, and its text.
+    fn format(&mut self, history: &[Message]) -> Result<(Vec<String>, (GenerationDefaults, String))> {
+        let options = FormatOptions { add_generation_prompt: true, tokenizer_config: self.files.tokenizer_config.clone() };
+        let formatted = self.model.format(history, &options)?;
+        Ok((formatted.stop_sequences, (formatted.defaults, formatted.text)))
+    }
+
+    fn sampling(&self, defaults: Option<&GenerationDefaults>) -> SamplingParams {
+        let a = self.args;
+        let d = defaults.cloned().unwrap_or(GenerationDefaults { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0 });
+        SamplingParams {
+            temperature: a.temperature.unwrap_or(d.temperature),
+            top_k: a.top_k.unwrap_or(d.top_k as usize),
+            top_p: a.top_p.unwrap_or(d.top_p),
+            min_p: a.min_p.unwrap_or(d.min_p),
+            repetition_penalty: a.repetition_penalty.unwrap_or(d.repetition_penalty),
+            seed: a.seed,
+        }
+    }
+
+    /// Chat-formats `history`, generates the assistant's reply and returns its text.
+    fn reply(&mut self, history: &[Message]) -> Result<String> {
+        let (stops, (defaults, text)) = self.format(history)?;
+        let tokenizer = self.tokenizer.context("this model has no tokenizer.json: use --input-ids")?;
+        let ids = tokenizer.encode(text.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
+        let outcome = self.generate(ids, &stops, Some(&defaults))?;
+        Ok(outcome.text)
+    }
+
+    fn reply_to_tokens(&mut self, ids: Vec<u32>, stops: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            bail!("nothing to feed the model: the prompt is empty");
+        }
+        // Raw continuation is greedy unless asked otherwise.
+        self.generate(ids, stops, None).map(|_| ())
+    }
+
+    fn generate(&mut self, ids: Vec<u32>, stops: &[String], defaults: Option<&GenerationDefaults>) -> Result<Outcome> {
+        let cache = match self.cache.take() {
+            Some(c) => c,
+            None => self.model.new_cache()?,
+        };
+        let mut cache = cache;
+        let cached = generate::reuse_prefix(self.model, &mut cache, &self.cached, &ids)?;
+        let stops = Stops::new(stops, self.tokenizer);
+        let request = Request {
+            prompt: &ids,
+            max_tokens: self.args.max_tokens,
+            sampling: self.sampling(defaults),
+            stops: &stops,
+            tokenizer: self.tokenizer,
+            cancel: &CANCEL,
+        };
+        let json = self.args.json;
+        let mut out = std::io::stdout().lock();
+        CANCEL.store(false, Ordering::SeqCst);
+        GENERATING.store(true, Ordering::SeqCst);
+        let result = generate::generate(self.model, &cache, cached, request, |token, text| {
+            if json {
+                let _ = writeln!(out, "{}", serde_json::json!({ "token": token, "text": text }));
+            } else {
+                let _ = write!(out, "{text}");
+                let _ = out.flush();
+            }
+        });
+        GENERATING.store(false, Ordering::SeqCst);
+        let outcome = result?;
+        if json {
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({
+                    "done": true,
+                    "prompt_tokens": outcome.prompt_tokens,
+                    "cached_tokens": outcome.prompt_tokens - outcome.prefilled_tokens,
+                    "generated_tokens": outcome.generated.len(),
+                    "stop": outcome.stop,
+                    "prefill_tokens_per_s": outcome.prefill_tokens_per_s(),
+                    "decode_tokens_per_s": outcome.decode_tokens_per_s(),
+                    "peak_rss_bytes": peak_rss_bytes(),
+                })
+            )?;
+        } else {
+            writeln!(out)?;
+        }
+        self.cached = ids.iter().chain(&outcome.generated).copied().collect();
+        // The cache also holds the prompt and everything generated except the last token.
+        self.cached.truncate(self.model.cache_length(&cache)? as usize);
+        self.cache = Some(cache);
+        Ok(outcome)
+    }
+
+    fn interactive(&mut self) -> Result<()> {
+        eprintln!("Chatting with {} (Ctrl-C stops a reply, Ctrl-D or Ctrl-C at the prompt quits).", self.args.model);
+        let mut history = self.system_messages();
+        let stdin = std::io::stdin();
+        loop {
+            eprint!("> ");
+            let mut line = String::new();
+            if stdin.lock().read_line(&mut line)? == 0 {
+                eprintln!();
+                return Ok(());
+            }
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.trim().is_empty() {
+                continue;
+            }
+            history.push(Message { role: "user".into(), content: line.to_owned() });
+            match self.reply(&history) {
+                Ok(text) => history.push(Message { role: "assistant".into(), content: text }),
+                Err(e) => {
+                    history.pop();
+                    eprintln!("error: {e:#}");
+                }
+            }
+        }
+    }
+}
+
+/// Peak resident memory of this process.
+pub fn peak_rss_bytes() -> u64 {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage fills the struct it is given.
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) } != 0 {
+        return 0;
+    }
+    // SAFETY: getrusage returned 0, so the struct is initialized.
+    let max = unsafe { usage.assume_init() }.ru_maxrss as u64;
+    if cfg!(target_os = "macos") { max } else { max * 1024 }
+}

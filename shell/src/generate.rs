@@ -1,0 +1,336 @@
+//! The generation loop: prefill, sample, stream text, stop.
+//!
+//! Sampling follows transformers' order: repetition penalty, temperature, top-k, top-p, min-p.
+//! Text is streamed with the tokenizer's incremental decoder (never splitting a UTF-8 character,
+//! SentencePiece spaces handled), and any text that might be the start of a stop string is held back
+//! until it is known not to be one, so no part of a stop string is ever shown.
+
+use crate::engine::{Cache, Model};
+use anyhow::Result;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use tokenizers::Tokenizer;
+
+#[derive(Debug, Clone)]
+pub struct SamplingParams {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1 = off.
+    pub top_p: f32,
+    /// 0 = off; keeps tokens with probability >= min_p * the top probability.
+    pub min_p: f32,
+    /// 1 = off.
+    pub repetition_penalty: f32,
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: None }
+    }
+}
+
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Self {
+        let rng = match params.seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+        Sampler { params, rng }
+    }
+
+    /// Picks the next token from `logits` (modified in place), given the tokens so far.
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            let seen: HashSet<u32> = history.iter().copied().collect();
+            for id in seen {
+                if let Some(l) = logits.get_mut(id as usize) {
+                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                }
+            }
+        }
+        if p.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
+        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        if p.top_k > 0 {
+            candidates.truncate(p.top_k);
+        }
+        let max = candidates[0].1;
+        let mut total = 0.0;
+        for c in candidates.iter_mut() {
+            c.1 = (c.1 - max).exp();
+            total += c.1;
+        }
+        for c in candidates.iter_mut() {
+            c.1 /= total;
+        }
+        if p.top_p < 1.0 {
+            let mut cumulative = 0.0;
+            let keep = candidates.iter().position(|c| {
+                cumulative += c.1;
+                cumulative >= p.top_p
+            });
+            candidates.truncate(keep.map_or(candidates.len(), |k| k + 1));
+        }
+        if p.min_p > 0.0 {
+            let floor = candidates[0].1 * p.min_p;
+            candidates.retain(|c| c.1 >= floor);
+        }
+        let total: f32 = candidates.iter().map(|c| c.1).sum();
+        let mut draw = self.rng.random::<f32>() * total;
+        for &(id, prob) in &candidates {
+            draw -= prob;
+            if draw <= 0.0 {
+                return id;
+            }
+        }
+        candidates.last().map_or(0, |c| c.0)
+    }
+}
+
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// When to stop: special tokens that end a turn, and strings.
+#[derive(Debug, Clone, Default)]
+pub struct Stops {
+    pub token_ids: HashSet<u32>,
+    pub strings: Vec<String>,
+}
+
+impl Stops {
+    /// Stop sequences that are single tokens of `tokenizer` stop on the token; the rest on the text.
+    pub fn new(sequences: &[String], tokenizer: Option<&Tokenizer>) -> Stops {
+        let mut stops = Stops::default();
+        for s in sequences {
+            match tokenizer.and_then(|t| t.token_to_id(s)) {
+                Some(id) => {
+                    stops.token_ids.insert(id);
+                }
+                None => stops.strings.push(s.clone()),
+            }
+        }
+        stops
+    }
+}
+
+/// Holds back text that could still turn into a stop string.
+struct StopFilter {
+    strings: Vec<String>,
+    pending: String,
+}
+
+impl StopFilter {
+    /// Adds text; returns what is safe to show and whether a stop string was completed.
+    fn push(&mut self, text: &str) -> (String, bool) {
+        self.pending.push_str(text);
+        if let Some(at) = self.strings.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+            let shown = self.pending[..at].to_owned();
+            self.pending.clear();
+            return (shown, true);
+        }
+        // Keep the longest tail that is a prefix of some stop string.
+        let hold = self
+            .strings
+            .iter()
+            .flat_map(|s| (1..s.len()).filter(|&n| s.is_char_boundary(n)).map(move |n| &s[..n]))
+            .filter(|prefix| self.pending.ends_with(prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        let cut = self.pending.len() - hold;
+        let shown = self.pending[..cut].to_owned();
+        self.pending.drain(..cut);
+        (shown, false)
+    }
+
+    fn flush(&mut self) -> String {
+        std::mem::take(&mut self.pending)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    StopToken,
+    StopString,
+    MaxTokens,
+    Cancelled,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub prompt_tokens: usize,
+    /// Prompt tokens actually computed (the rest came from the cache).
+    pub prefilled_tokens: usize,
+    pub generated: Vec<u32>,
+    pub text: String,
+    pub prefill: Duration,
+    pub decode: Duration,
+    pub stop: StopReason,
+}
+
+impl Outcome {
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        self.prefilled_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
+    }
+
+    /// Tokens after the first, over the time they took.
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        self.generated.len().saturating_sub(1) as f64 / self.decode.as_secs_f64().max(1e-9)
+    }
+}
+
+pub struct Request<'a> {
+    /// The whole conversation so far, as tokens; what the cache already holds is not recomputed.
+    pub prompt: &'a [u32],
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stops: &'a Stops,
+    pub tokenizer: Option<&'a Tokenizer>,
+    /// Set from another thread (Ctrl-C) to stop after the current token.
+    pub cancel: &'a AtomicBool,
+}
+
+/// Tokens `cache` holds that match the start of `prompt`; the cache is trimmed to them (or reset when
+/// it cannot resume there). Returns how many prompt tokens are already cached.
+pub fn reuse_prefix(model: &mut Model, cache: &mut Cache, cached: &[u32], prompt: &[u32]) -> Result<usize> {
+    let common = cached.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+    // At least one token must be fed to get logits.
+    let keep = common.min(prompt.len().saturating_sub(1));
+    if model.trim(cache, keep as u32).is_ok() {
+        return Ok(keep);
+    }
+    *cache = model.new_cache()?;
+    Ok(0)
+}
+
+/// Generates after `request.prompt`, calling `on_text(token, text)` for each token with the text it
+/// makes visible (possibly empty). The cache must already hold `cached` tokens of the prompt.
+pub fn generate(model: &mut Model, cache: &Cache, cached: usize, request: Request<'_>, mut on_text: impl FnMut(u32, &str)) -> Result<Outcome> {
+    let mut sampler = Sampler::new(request.sampling.clone());
+    let mut filter = StopFilter { strings: request.stops.strings.clone(), pending: String::new() };
+    let mut decoder = request.tokenizer.map(|t| t.decode_stream(true));
+    let mut history: Vec<u32> = request.prompt.to_vec();
+    let mut generated = Vec::new();
+    let mut text = String::new();
+
+    let started = Instant::now();
+    let mut logits = model.forward(&request.prompt[cached..], cache, false)?;
+    let prefill = started.elapsed();
+    let decode_started = Instant::now();
+    let mut stop = StopReason::MaxTokens;
+    while generated.len() < request.max_tokens {
+        if request.cancel.load(Ordering::Relaxed) {
+            stop = StopReason::Cancelled;
+            break;
+        }
+        let token = sampler.sample(&mut logits, &history);
+        if request.stops.token_ids.contains(&token) {
+            stop = StopReason::StopToken;
+            break;
+        }
+        generated.push(token);
+        history.push(token);
+        let piece = match decoder.as_mut() {
+            Some(d) => d.step(token).map_err(|e| anyhow::anyhow!("decoding token {token}: {e}"))?.unwrap_or_default(),
+            None => String::new(),
+        };
+        let (shown, stopped) = filter.push(&piece);
+        text.push_str(&shown);
+        on_text(token, &shown);
+        if stopped {
+            stop = StopReason::StopString;
+            break;
+        }
+        if generated.len() < request.max_tokens {
+            logits = model.forward(&[token], cache, false)?;
+        }
+    }
+    if stop != StopReason::StopString {
+        let rest = filter.flush();
+        if !rest.is_empty() {
+            text.push_str(&rest);
+            on_text(*generated.last().unwrap_or(&0), &rest);
+        }
+    }
+    Ok(Outcome {
+        prompt_tokens: request.prompt.len(),
+        prefilled_tokens: request.prompt.len() - cached,
+        generated,
+        text,
+        prefill,
+        decode: decode_started.elapsed(),
+        stop,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_strings_are_never_shown_even_across_pieces() {
+        let mut f = StopFilter { strings: vec!["<|im_end|>".into()], pending: String::new() };
+        assert_eq!(f.push("Hello <|im"), ("Hello ".into(), false));
+        assert_eq!(f.push("_e"), (String::new(), false));
+        assert_eq!(f.push("nd|> trailing"), (String::new(), true));
+        let mut f = StopFilter { strings: vec!["STOP".into()], pending: String::new() };
+        assert_eq!(f.push("ST"), (String::new(), false));
+        assert_eq!(f.push("AR"), ("STAR".into(), false));
+        assert_eq!(f.push("S"), (String::new(), false));
+        assert_eq!(f.flush(), "S");
+    }
+
+    #[test]
+    fn greedy_repetition_penalty_and_filters() {
+        let mut s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[]), 1);
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() });
+        assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[1]), 2);
+        // top-k 1 at any temperature is greedy.
+        let mut s = Sampler::new(SamplingParams { temperature: 5.0, top_k: 1, seed: Some(1), ..Default::default() });
+        for _ in 0..20 {
+            assert_eq!(s.sample(&mut [0.1, 3.0, 2.9], &[]), 1);
+        }
+        // min-p drops tokens far below the top one; top-p keeps the nucleus.
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, min_p: 0.5, seed: Some(7), ..Default::default() });
+        for _ in 0..50 {
+            assert_ne!(s.sample(&mut [10.0, 9.9, 0.0, -5.0], &[]), 3);
+        }
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, seed: Some(7), ..Default::default() });
+        for _ in 0..50 {
+            assert_eq!(s.sample(&mut [10.0, 1.0, 0.0], &[]), 0);
+        }
+    }
+
+    #[test]
+    fn a_seed_makes_sampling_repeatable() {
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed: Some(seed), ..Default::default() });
+            (0..32).map(|_| s.sample(&mut [1.0, 1.1, 0.9, 1.05], &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(3), draw(3));
+        assert_ne!(draw(3), draw(4));
+    }
+}
