@@ -55,6 +55,19 @@ enum Command {
     },
     /// Stream a reply from a model.
     Run(commands::run::RunArgs),
+    /// Measure prefill and decode speed and peak memory.
+    Bench {
+        model: String,
+        #[arg(long, default_value_t = 512)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 128)]
+        gen_tokens: usize,
+        /// bf16, f16, f32, q4 or q8.
+        #[arg(long)]
+        dtype: Option<crate::host::weights::Precision>,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -84,6 +97,9 @@ pub fn main() -> ExitCode {
         Command::Doctor => commands::doctor::run(),
         Command::Import { source, tokenizer, id, dtype } => commands::import::import(commands::import::ImportArgs { source, tokenizer, id, dtype }),
         Command::Run(args) => commands::run::run(args),
+        Command::Bench { model, prompt_tokens, gen_tokens, dtype, runs } => {
+            commands::bench::bench(commands::bench::BenchArgs { model, prompt_tokens, gen_tokens, dtype, runs })
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

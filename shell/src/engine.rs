@@ -14,6 +14,8 @@ pub struct Model {
     /// The adapter instance the model lives in.
     instance: u64,
     pub vocab: u32,
+    /// Total time spent inside `forward` calls building graphs (adapter code and host calls).
+    graph_build: std::time::Duration,
 }
 
 /// One conversation's state inside the adapter (KV caches, conv state).
@@ -32,7 +34,11 @@ impl Model {
         let model = loaded.with_context(|| format!("adapter `{}` could not load the model", adapter.name()))?;
         let vocab = session.call("model.vocab-size", |store, b| Ok(Ok(b.edgechat_adapter_runtime().model().call_vocab_size(store, model)?)))?;
         let instance = session.instance();
-        Ok(Model { session, model, instance, vocab })
+        Ok(Model { session, model, instance, vocab, graph_build: Default::default() })
+    }
+
+    pub fn graph_build_time(&self) -> std::time::Duration {
+        self.graph_build
     }
 
     /// Chat formatting by the same adapter instance.
@@ -62,11 +68,15 @@ impl Model {
             bail!("token id {bad} is outside the vocabulary (size {})", self.vocab);
         }
         let (model, cache) = (self.model, cache.resource);
+        let started = std::time::Instant::now();
         let logits: Resource<TensorHandle> = self.session.call("model.forward", |store, b| {
             b.edgechat_adapter_runtime().model().call_forward(store, model, tokens, cache, all_positions)
         })?;
+        let built = started.elapsed();
+        self.graph_build += built;
         let state = self.session.state_mut()?;
         let values = state.array(&logits).map_err(anyhow::Error::from).and_then(|a| state.tensors.backend.read_f32(a).map_err(anyhow::Error::msg));
+        tracing::debug!(tokens = tokens.len(), "forward: graph built in {built:?}, evaluated in {:?}", started.elapsed() - built);
         crate::adapter::bindings::edgechat::adapter::tensor::HostArray::drop(state, logits)?;
         let values = values.context("evaluating the model's graph")?;
         let expected = if all_positions { tokens.len() } else { 1 } * self.vocab as usize;

@@ -2,8 +2,10 @@
 //!
 //! `cargo xtask setup`     installs or locates what the build needs (MLX CPU library on Linux, a wasm32 toolchain)
 //! `cargo xtask adapters`  builds every guest crate to a core module and wraps it as a component in target/adapters
+//! `cargo xtask demo-model` fetches the real Gemma 3 270M and its tokenizer and imports them
 //! `cargo xtask test`      setup + adapters + `cargo test --workspace`: the one command CI and newcomers run
 
+mod demo;
 mod guests;
 mod setup;
 
@@ -24,6 +26,7 @@ fn run() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("setup") => setup::run(&root),
         Some("adapters") => guests::build_all(&root),
+        Some("demo-model") => demo::run(&root),
         Some("test") => {
             setup::run(&root)?;
             guests::build_all(&root)?;
@@ -34,7 +37,7 @@ fn run() -> Result<()> {
             run_checked(Command::new(cargo()).current_dir(&root).args(["test", "--workspace"]).args(&args[1..]))
         }
         _ => {
-            eprintln!("usage: cargo xtask <setup | adapters | test [cargo test args]>");
+            eprintln!("usage: cargo xtask <setup | adapters | demo-model | test [cargo test args]>");
             std::process::exit(2);
         }
     }

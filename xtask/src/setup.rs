@@ -21,10 +21,14 @@ pub fn run(root: &Path) -> Result<()> {
         if !has_libclang() {
             missing.push("libclang-dev");
         }
+        if !Path::new(OPENBLAS).exists() {
+            missing.push("libopenblas0-pthread");
+        }
         if !missing.is_empty() {
-            apt_install(&missing, "mlx-sys builds mlx-c with cmake and generates bindings with libclang")?;
+            apt_install(&missing, "mlx-sys builds mlx-c with cmake and bindgen (libclang); MLX's CPU matmuls use OpenBLAS")?;
         }
         install_mlx_cpu(root)?;
+        use_openblas(root)?;
     }
     let toolchain = guests::Toolchain::find_or_install()?;
     eprintln!("xtask: setup done; adapters build with {}", toolchain.describe());
@@ -55,6 +59,29 @@ fn install_mlx_cpu(root: &Path) -> Result<()> {
     std::fs::write(&marker, MLX_CPU_WHEEL)?;
     let _ = std::fs::remove_dir_all(&download);
     eprintln!("xtask: MLX CPU library in {}", dest.display());
+    Ok(())
+}
+
+/// Debian's multithreaded OpenBLAS (BLAS + CBLAS interface).
+const OPENBLAS: &str = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3";
+
+/// The wheel bundles netlib's reference BLAS, which makes f32 matmuls 3-10x slower than OpenBLAS
+/// (docs/benchmarks.md). libmlx finds its BLAS by file name through $ORIGIN, so the bundled file is
+/// replaced by a link to the system's OpenBLAS, which exports the same symbols.
+fn use_openblas(root: &Path) -> Result<()> {
+    let libs = root.join(".toolchain/mlx-cpu/mlx_cpu.libs");
+    let Some(bundled) = std::fs::read_dir(&libs)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libblas-")))
+    else {
+        bail!("no bundled libblas in {}", libs.display());
+    };
+    if std::fs::read_link(&bundled).is_ok_and(|target| target == Path::new(OPENBLAS)) || !Path::new(OPENBLAS).exists() {
+        return Ok(());
+    }
+    std::fs::rename(&bundled, bundled.with_extension("netlib"))?;
+    std::os::unix::fs::symlink(OPENBLAS, &bundled)?;
+    eprintln!("xtask: MLX uses OpenBLAS ({OPENBLAS})");
     Ok(())
 }
 

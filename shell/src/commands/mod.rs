@@ -1,5 +1,6 @@
 //! The CLI commands. Each opens a [`Shell`] (paths, adapter host, discovered adapters) and does one thing.
 
+pub mod bench;
 pub mod doctor;
 pub mod import;
 pub mod run;

@@ -1,0 +1,67 @@
+//! `edgechat bench`: prefill and decode speed of a model (median of runs), peak memory, and how much of
+//! each forward pass is spent building the graph through the adapter (the WebAssembly boundary).
+
+use super::run::{load, peak_rss_bytes};
+use super::{human_bytes, Shell};
+use crate::generate::argmax;
+use crate::host::weights::Precision;
+use crate::models;
+use anyhow::{bail, Result};
+use std::time::Instant;
+
+pub struct BenchArgs {
+    pub model: String,
+    pub prompt_tokens: usize,
+    pub gen_tokens: usize,
+    pub dtype: Option<Precision>,
+    pub runs: usize,
+}
+
+pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.prompt_tokens == 0 || args.gen_tokens < 2 || args.runs == 0 {
+        bail!("need --prompt-tokens >= 1, --gen-tokens >= 2 and --runs >= 1");
+    }
+    let shell = Shell::open()?;
+    let files = models::resolve(&shell, &args.model)?;
+    let precision = files.precision(args.dtype)?;
+    let started = Instant::now();
+    let (mut model, _) = load(&shell, &files, precision)?;
+    let load_time = started.elapsed();
+    // A deterministic prompt of ordinary (non-special) token ids.
+    let span = model.vocab.saturating_sub(1000).max(1);
+    let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| 1000 + (i * 7919) % span).collect();
+
+    let (mut prefill, mut decode, mut build) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..=args.runs {
+        let cache = model.new_cache()?;
+        let t = Instant::now();
+        let mut next = argmax(&model.forward(&prompt, &cache, false)?);
+        let prefill_time = t.elapsed();
+        let t = Instant::now();
+        let built_before = model.graph_build_time();
+        for _ in 1..args.gen_tokens {
+            next = argmax(&model.forward(&[next], &cache, false)?);
+        }
+        let decode_time = t.elapsed();
+        let built = model.graph_build_time() - built_before;
+        if run == 0 {
+            continue; // warm-up: first-touch of weights, allocator growth
+        }
+        prefill.push(args.prompt_tokens as f64 / prefill_time.as_secs_f64());
+        decode.push((args.gen_tokens - 1) as f64 / decode_time.as_secs_f64());
+        build.push(built.as_secs_f64() / decode_time.as_secs_f64());
+    }
+    let (prefill, decode, build) = (median(prefill), median(decode), median(build));
+    println!("model            {} ({}, {:?})", args.model, files.architecture, precision);
+    println!("load             {:.2} s", load_time.as_secs_f64());
+    println!("prefill          {prefill:.1} tokens/s  ({} tokens, median of {})", args.prompt_tokens, args.runs);
+    println!("decode           {decode:.2} tokens/s  ({} tokens, median of {})", args.gen_tokens, args.runs);
+    println!("graph building   {:.1}% of decode time (adapter + host calls; an upper bound on the WASM boundary's cost)", build * 100.0);
+    println!("peak RSS         {}", human_bytes(peak_rss_bytes()));
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
