@@ -169,6 +169,42 @@ impl StopFilter {
     }
 }
 
+type Decoder<'t> = tokenizers::DecodeStream<
+    't,
+    tokenizers::ModelWrapper,
+    tokenizers::NormalizerWrapper,
+    tokenizers::PreTokenizerWrapper,
+    tokenizers::PostProcessorWrapper,
+    tokenizers::DecoderWrapper,
+>;
+
+/// Turns generated tokens into text as they come: whole characters only, and nothing that may still
+/// become a stop string.
+pub struct TextStream<'t> {
+    decoder: Option<Decoder<'t>>,
+    filter: StopFilter,
+}
+
+impl<'t> TextStream<'t> {
+    pub fn new(tokenizer: Option<&'t Tokenizer>, stop_strings: &[String]) -> Self {
+        TextStream { decoder: tokenizer.map(|t| t.decode_stream(true)), filter: StopFilter { strings: stop_strings.to_vec(), pending: String::new() } }
+    }
+
+    /// The text `token` makes visible, and whether it completed a stop string.
+    pub fn push(&mut self, token: u32) -> Result<(String, bool)> {
+        let piece = match self.decoder.as_mut() {
+            Some(d) => d.step(token).map_err(|e| anyhow::anyhow!("decoding token {token}: {e}"))?.unwrap_or_default(),
+            None => String::new(),
+        };
+        Ok(self.filter.push(&piece))
+    }
+
+    /// Text held back for a stop string that never came.
+    pub fn finish(&mut self) -> String {
+        self.filter.flush()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
@@ -229,8 +265,7 @@ pub fn reuse_prefix(model: &mut Model, cache: &mut Cache, cached: &[u32], prompt
 /// makes visible (possibly empty). The cache must already hold `cached` tokens of the prompt.
 pub fn generate(model: &mut Model, cache: &Cache, cached: usize, request: Request<'_>, mut on_text: impl FnMut(u32, &str)) -> Result<Outcome> {
     let mut sampler = Sampler::new(request.sampling.clone());
-    let mut filter = StopFilter { strings: request.stops.strings.clone(), pending: String::new() };
-    let mut decoder = request.tokenizer.map(|t| t.decode_stream(true));
+    let mut stream = TextStream::new(request.tokenizer, &request.stops.strings);
     let mut history: Vec<u32> = request.prompt.to_vec();
     let mut generated = Vec::new();
     let mut text = String::new();
@@ -252,11 +287,7 @@ pub fn generate(model: &mut Model, cache: &Cache, cached: usize, request: Reques
         }
         generated.push(token);
         history.push(token);
-        let piece = match decoder.as_mut() {
-            Some(d) => d.step(token).map_err(|e| anyhow::anyhow!("decoding token {token}: {e}"))?.unwrap_or_default(),
-            None => String::new(),
-        };
-        let (shown, stopped) = filter.push(&piece);
+        let (shown, stopped) = stream.push(token)?;
         text.push_str(&shown);
         on_text(token, &shown);
         if stopped {
@@ -268,7 +299,7 @@ pub fn generate(model: &mut Model, cache: &Cache, cached: usize, request: Reques
         }
     }
     if stop != StopReason::StopString {
-        let rest = filter.flush();
+        let rest = stream.finish();
         if !rest.is_empty() {
             text.push_str(&rest);
             on_text(*generated.last().unwrap_or(&0), &rest);
@@ -300,6 +331,42 @@ mod tests {
         assert_eq!(f.push("AR"), ("STAR".into(), false));
         assert_eq!(f.push("S"), (String::new(), false));
         assert_eq!(f.flush(), "S");
+    }
+
+    /// A SentencePiece-style byte-fallback BPE tokenizer, decoding as Gemma's does.
+    fn tokenizer() -> Tokenizer {
+        let json = serde_json::json!({
+            "version": "1.0",
+            "added_tokens": [{"id": 6, "content": "<end>", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"},
+            "pre_tokenizer": null,
+            "post_processor": null,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}, {"type": "ByteFallback"}, {"type": "Fuse"}]},
+            "model": {"type": "BPE", "byte_fallback": true, "unk_token": "<unk>", "fuse_unk": true, "merges": [],
+                "vocab": {"<unk>": 0, "<0xE2>": 1, "<0x82>": 2, "<0xAC>": 3, "\u{2581}hello": 4, "\u{2581}world": 5, "<end>": 6, "!": 7}}
+        });
+        Tokenizer::from_bytes(serde_json::to_vec(&json).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn streaming_never_splits_a_character_and_keeps_spaces() {
+        let tokenizer = tokenizer();
+        let mut stream = TextStream::new(Some(&tokenizer), &[]);
+        let pieces: Vec<String> = [4, 1, 2, 3, 5, 7].iter().map(|&t| stream.push(t).unwrap().0).collect();
+        assert_eq!(pieces, [" hello", "", "", "\u{20ac}", " world", "!"]);
+        assert_eq!(pieces.concat(), tokenizer.decode(&[4, 1, 2, 3, 5, 7], true).unwrap());
+    }
+
+    #[test]
+    fn stop_tokens_and_strings_come_from_the_sequences() {
+        let tokenizer = tokenizer();
+        let stops = Stops::new(&["<end>".into(), "world".into()], Some(&tokenizer));
+        assert!(stops.token_ids.contains(&6));
+        assert_eq!(stops.strings, ["world"]);
+        let mut stream = TextStream::new(Some(&tokenizer), &stops.strings);
+        assert_eq!(stream.push(4).unwrap(), (" hello".into(), false));
+        assert_eq!(stream.push(5).unwrap(), (" ".into(), true));
     }
 
     #[test]
