@@ -55,6 +55,15 @@ enum Command {
     },
     /// Stream a reply from a model.
     Run(commands::run::RunArgs),
+    /// Download a catalog model or hub:ORG/NAME[@REVISION], resuming what an earlier pull left.
+    Pull {
+        model: String,
+        /// Progress as JSON lines instead of a bar.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a downloaded or imported model's files.
+    Rm { model: String },
     /// Measure prefill and decode speed and peak memory.
     Bench {
         model: String,
@@ -97,6 +106,8 @@ pub fn main() -> ExitCode {
         Command::Doctor => commands::doctor::run(),
         Command::Import { source, tokenizer, id, dtype } => commands::import::import(commands::import::ImportArgs { source, tokenizer, id, dtype }),
         Command::Run(args) => commands::run::run(args),
+        Command::Pull { model, json } => commands::pull::pull(&model, json),
+        Command::Rm { model } => commands::pull::rm(&model),
         Command::Bench { model, prompt_tokens, gen_tokens, dtype, runs } => {
             commands::bench::bench(commands::bench::BenchArgs { model, prompt_tokens, gen_tokens, dtype, runs })
         }

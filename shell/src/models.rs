@@ -20,8 +20,11 @@ pub struct Manifest {
     /// The precision `run` uses unless told otherwise.
     pub dtype: String,
     pub source: String,
+    /// The resolved revision (hub commit) of a downloaded model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     pub files: Vec<FileRecord>,
-    /// Seconds since the Unix epoch.
+    /// When it was imported or downloaded, in seconds since the Unix epoch.
     pub imported_at: u64,
 }
 

@@ -1,6 +1,6 @@
 //! What the gemma adapter knows about Gemma 3 checkpoints on the hub: names, sizes, context, memory.
 
-use crate::exports::edgechat::adapter::catalog::{Description, DownloadManifest, RuntimeKind, Source};
+use crate::exports::edgechat::adapter::catalog::{Description, DownloadManifest, Layout, ManifestFile, RuntimeKind, Source};
 
 /// Architecture facts of one Gemma 3 size, from its config.json.
 struct Size {
@@ -68,5 +68,23 @@ pub fn manifest(source: &Source) -> Result<DownloadManifest, String> {
     let Source::Hub(hub) = source else {
         return Err("the gemma adapter serves hub snapshots; Leap bundles belong to the leap adapter".into());
     };
-    Err(format!("resolving {}@{} needs hub access, which this adapter version does not have yet", hub.repo, hub.revision))
+    snapshot_manifest(&hub.repo, &hub.revision)
+}
+
+/// A hub snapshot: its safetensors, configs and tokenizer at the resolved commit.
+pub fn snapshot_manifest(repo: &str, revision: &str) -> Result<DownloadManifest, String> {
+    let listing = adapter_kit::hub::listing(repo, revision)?;
+    let files: Vec<ManifestFile> = listing
+        .files
+        .into_iter()
+        .filter(|f| adapter_kit::hub::is_snapshot_file(&f.path))
+        .map(|f| ManifestFile { url: adapter_kit::hub::file_url(repo, &listing.sha, &f.path), path: f.path, size: f.size, sha256: f.sha256 })
+        .collect();
+    if !files.iter().any(|f| f.path.ends_with(".safetensors")) {
+        return Err(format!("{repo}@{revision} has no .safetensors weights"));
+    }
+    if !files.iter().any(|f| f.path == "config.json") {
+        return Err(format!("{repo}@{revision} has no config.json"));
+    }
+    Ok(DownloadManifest { layout: Layout::Directory, revision: listing.sha, files })
 }

@@ -19,6 +19,7 @@ pub mod wit {
     });
 }
 
+pub mod hub;
 pub mod nn;
 pub mod selftest;
 

@@ -1,7 +1,8 @@
 //! What the leap adapter knows about LFM2 checkpoints: Leap bundles (one file per model and quantization)
 //! and hub snapshots (safetensors).
 
-use crate::exports::edgechat::adapter::catalog::{Description, DownloadManifest, RuntimeKind, Source};
+use crate::exports::edgechat::adapter::catalog::{Description, DownloadManifest, Layout, ManifestFile, RuntimeKind, Source};
+use adapter_kit::hub;
 
 /// Architecture facts of one LFM2 size, from its config.json.
 struct Size {
@@ -59,10 +60,38 @@ pub fn describe(source: &Source) -> Result<Description, String> {
     })
 }
 
+/// Leap publishes each LFM2 model as single-file bundles, one per quantization, in the hub repository
+/// `LiquidAI/<slug>-GGUF`; hub sources are ordinary safetensors snapshots.
 pub fn manifest(source: &Source) -> Result<DownloadManifest, String> {
-    let what = match source {
-        Source::Leap(leap) => format!("Leap bundle {} ({})", leap.slug, leap.quantization),
-        Source::Hub(hub) => format!("{}@{}", hub.repo, hub.revision),
-    };
-    Err(format!("resolving {what} needs network access, which this adapter version does not have yet"))
+    match source {
+        Source::Leap(leap) => {
+            bits_per_weight(&leap.quantization)?;
+            let repo = format!("LiquidAI/{}-GGUF", leap.slug);
+            let file = format!("{}-{}.gguf", leap.slug, leap.quantization);
+            let listing = hub::listing(&repo, "main")?;
+            let found = listing
+                .files
+                .into_iter()
+                .find(|f| f.path == file)
+                .ok_or_else(|| format!("{repo} has no bundle {file} (quantization {} not published?)", leap.quantization))?;
+            Ok(DownloadManifest {
+                layout: Layout::Bundle,
+                files: vec![ManifestFile { url: hub::file_url(&repo, &listing.sha, &found.path), path: found.path, size: found.size, sha256: found.sha256 }],
+                revision: listing.sha,
+            })
+        }
+        Source::Hub(h) => {
+            let listing = hub::listing(&h.repo, &h.revision)?;
+            let files: Vec<ManifestFile> = listing
+                .files
+                .into_iter()
+                .filter(|f| hub::is_snapshot_file(&f.path))
+                .map(|f| ManifestFile { url: hub::file_url(&h.repo, &listing.sha, &f.path), path: f.path, size: f.size, sha256: f.sha256 })
+                .collect();
+            if !files.iter().any(|f| f.path.ends_with(".safetensors")) {
+                return Err(format!("{}@{} has no .safetensors weights", h.repo, h.revision));
+            }
+            Ok(DownloadManifest { layout: Layout::Directory, revision: listing.sha, files })
+        }
+    }
 }

@@ -191,7 +191,7 @@ impl Session {
         if self.live.is_none() {
             let host = &self.adapter.host;
             let mut state = HostState::new(&self.adapter.info.name, &host.limits);
-            state.net.allowed_hosts = self.adapter.info.allowed_hosts.clone();
+            state.net = crate::host::net::NetPolicy::new(&self.adapter.info.allowed_hosts, crate::hub::Hub::from_env());
             let mut store = Store::new(&host.engine, state);
             store.limiter(|s| &mut s.limits);
             store.set_fuel(host.limits.fuel_per_call)?;
@@ -253,6 +253,10 @@ impl Session {
 
     pub fn describe(&mut self, source: &catalog::Source) -> Result<catalog::Description, AdapterError> {
         self.call("catalog.describe", |store, b| b.edgechat_adapter_catalog().call_describe(store, source))
+    }
+
+    pub fn manifest(&mut self, source: &catalog::Source) -> Result<catalog::DownloadManifest, AdapterError> {
+        self.call("catalog.manifest", |store, b| b.edgechat_adapter_catalog().call_manifest(store, source))
     }
 
     pub fn format(&mut self, messages: &[prompt::Message], options: &prompt::FormatOptions) -> Result<prompt::Formatted, AdapterError> {

@@ -81,6 +81,7 @@ pub fn import(args: ImportArgs) -> Result<()> {
         },
         dtype: format!("{precision:?}").to_lowercase(),
         source: args.source.display().to_string(),
+        revision: None,
         files: records,
         imported_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
     };

@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod doctor;
 pub mod import;
+pub mod pull;
 pub mod run;
 
 use crate::adapter::bindings::exports::edgechat::adapter::{catalog::RuntimeKind, prompt};
@@ -32,7 +33,8 @@ impl Shell {
         Ok(Shell { paths, host, registry, catalog: Catalog::builtin() })
     }
 
-    /// Where a downloaded model lives (DESIGN: `Models/<org>--<name>/` or `Models/<slug>.bundle`).
+    /// Where a downloaded model lives: `Models/<org>--<name>/` for hub snapshots, `Models/<slug>-<quant>.bundle/`
+    /// (holding the one bundle file) for Leap bundles.
     pub fn model_dir(&self, source: &Source) -> std::path::PathBuf {
         match source {
             Source::Hub { repo, .. } => self.paths.models().join(repo.replace('/', "--")),

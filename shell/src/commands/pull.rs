@@ -1,0 +1,218 @@
+//! `edgechat pull` and `edgechat rm`: fetch a model the way its adapter's manifest says, remove one.
+
+use super::{human_bytes, Shell};
+use crate::adapter::bindings::exports::edgechat::adapter::catalog::Layout;
+use crate::catalog::Source;
+use crate::download::{partial_path, DownloadError, Downloader, FileSpec, ModelLock, Progress};
+use crate::hub::Hub;
+use crate::models::{self, FileRecord, Manifest, ModelFiles};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// A model to pull: a catalog id, or `hub:ORG/NAME[@REVISION]`.
+pub struct Target {
+    pub id: String,
+    pub source: Source,
+    /// The adapter named by the catalog; for hub references, chosen from the repo's config.json.
+    pub adapter: Option<String>,
+}
+
+pub fn parse_target(shell: &Shell, name: &str) -> Result<Target> {
+    if let Some(reference) = name.strip_prefix("hub:") {
+        let (repo, revision) = reference.split_once('@').unwrap_or((reference, "main"));
+        if repo.split('/').count() != 2 || repo.split('/').any(str::is_empty) || revision.is_empty() {
+            bail!("`{name}` is not a hub reference: use hub:ORG/NAME or hub:ORG/NAME@REVISION");
+        }
+        return Ok(Target { id: name.to_owned(), source: Source::Hub { repo: repo.into(), revision: revision.into() }, adapter: None });
+    }
+    let entry = shell.catalog.get(name).with_context(|| {
+        let ids: Vec<&str> = shell.catalog.models.iter().map(|m| m.id.as_str()).collect();
+        format!("unknown model `{name}` (catalog: {}; or hub:ORG/NAME[@REVISION])", ids.join(", "))
+    })?;
+    Ok(Target { id: name.to_owned(), source: entry.source.clone(), adapter: Some(entry.adapter.clone()) })
+}
+
+/// For a hub reference: the adapter that runs the repo's `model_type`.
+fn adapter_for_hub_repo(shell: &Shell, hub: &Hub, repo: &str, revision: &str) -> Result<String> {
+    let url = hub.resolve(&format!("hub:/{repo}/resolve/{revision}/config.json"));
+    let response = hub.get(&hub.client()?, &url).send().with_context(|| format!("fetching {url}"))?;
+    match response.status().as_u16() {
+        200 => {}
+        401 | 403 => bail!("{repo} is gated or private: accept its license on the hub and set HF_TOKEN"),
+        404 => bail!("the hub has no {repo}@{revision} (or it has no config.json)"),
+        s => bail!("the hub answered {s} for {url}"),
+    }
+    let body = response.bytes().with_context(|| format!("fetching {url}"))?;
+    let config: serde_json::Value = serde_json::from_slice(&body).with_context(|| format!("{repo}'s config.json is not valid JSON"))?;
+    let model_type = config.get("model_type").and_then(|t| t.as_str()).with_context(|| format!("{repo}'s config.json has no model_type"))?;
+    Ok(shell.registry.for_architecture(model_type)?.name().to_owned())
+}
+
+pub fn pull(name: &str, json: bool) -> Result<()> {
+    let shell = Shell::open()?;
+    let target = parse_target(&shell, name)?;
+    let hub = Hub::from_env();
+    let adapter_name = match (&target.adapter, &target.source) {
+        (Some(a), _) => a.clone(),
+        (None, Source::Hub { repo, revision }) => adapter_for_hub_repo(&shell, &hub, repo, revision)?,
+        (None, Source::Leap { .. }) => unreachable!("leap sources come from the catalog"),
+    };
+    let adapter = shell.registry.get(&adapter_name)?;
+    let manifest = adapter.instantiate()?.manifest(&target.source.to_wit()).with_context(|| format!("resolving {name}"))?;
+    let dir = shell.model_dir(&target.source);
+    if manifest.layout == Layout::Bundle && manifest.files.len() != 1 {
+        bail!("adapter `{adapter_name}` described a bundle of {} files", manifest.files.len());
+    }
+    let files: Vec<FileSpec> = manifest
+        .files
+        .iter()
+        .map(|f| {
+            let relative = Path::new(&f.path);
+            if relative.is_absolute() || relative.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                bail!("adapter `{adapter_name}` named an unsafe file path {:?}", f.path);
+            }
+            Ok(FileSpec { dest: dir.join(relative), url: hub.resolve(&f.url), size: f.size, sha256: f.sha256.clone() })
+        })
+        .collect::<Result<_>>()?;
+
+    let _lock = ModelLock::acquire(&dir.with_extension("lock"))?;
+    let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::SeqCst));
+    let downloader = Downloader { hub: &hub, client: hub.client()?, parallel: 3, attempts: 5, backoff: Duration::from_millis(500), cancel: &CANCEL };
+    let progress = Progress::default();
+    let finished = AtomicBool::new(false);
+    let result = std::thread::scope(|scope| {
+        scope.spawn(|| report(&progress, &finished, json, name));
+        let result = downloader.run(&files, &progress);
+        finished.store(true, Ordering::SeqCst);
+        result
+    });
+    match result {
+        Ok(0) => println!("{name} is already downloaded ({})", dir.display()),
+        Ok(bytes) => {
+            let record = write_record(&dir, &target, &adapter_name, &manifest.revision, &files)?;
+            if json {
+                println!("{}", serde_json::json!({ "event": "done", "model": name, "bytes": bytes, "revision": record.revision, "dir": dir }));
+            } else {
+                println!("pulled {name} ({}, revision {}) into {}", human_bytes(bytes), manifest.revision, dir.display());
+            }
+        }
+        Err(DownloadError::Cancelled) => bail!("{name}: download cancelled; partial files are kept and `edgechat pull {name}` resumes"),
+        Err(DownloadError::Fatal(e)) => bail!("{name}: {e}"),
+    }
+    if !dir.join("manifest.json").exists() {
+        write_record(&dir, &target, &adapter_name, &manifest.revision, &files)?;
+    }
+    Ok(())
+}
+
+/// Progress: an indicatif bar on a terminal, JSON lines with `--json`.
+fn report(progress: &Progress, finished: &AtomicBool, json: bool, name: &str) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let bar = (!json).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(name.to_owned());
+        bar
+    });
+    let mut last = -1.0;
+    loop {
+        let done = finished.load(Relaxed);
+        let fraction = progress.fraction();
+        match &bar {
+            Some(bar) => {
+                bar.set_length(progress.total.load(Relaxed));
+                bar.set_position(progress.done.load(Relaxed));
+            }
+            None if fraction != last => {
+                println!(
+                    "{}",
+                    serde_json::json!({ "event": "progress", "model": name, "fraction": fraction,
+                        "bytes": progress.done.load(Relaxed), "total": progress.total.load(Relaxed) })
+                );
+                last = fraction;
+            }
+            None => {}
+        }
+        if done {
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn write_record(dir: &Path, target: &Target, adapter: &str, revision: &str, files: &[FileSpec]) -> Result<Manifest> {
+    let inspected = ModelFiles::inspect(dir).ok();
+    let records = files
+        .iter()
+        .map(|f| {
+            let sha256 = match &f.sha256 {
+                Some(s) => s.clone(),
+                None => crate::download::sha256_of(&f.dest)?,
+            };
+            Ok(FileRecord { path: f.dest.strip_prefix(dir).unwrap_or(&f.dest).display().to_string(), size: f.size, sha256 })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let record = Manifest {
+        id: target.id.clone(),
+        adapter: adapter.to_owned(),
+        architecture: inspected.as_ref().map(|m| m.architecture.clone()).unwrap_or_default(),
+        format: match inspected.map(|m| m.weights) {
+            Some(models::Weights::Gguf(_)) => "gguf".into(),
+            _ => "safetensors".into(),
+        },
+        dtype: format!("{:?}", models::DEFAULT_PRECISION).to_lowercase(),
+        source: target.source.to_string(),
+        revision: Some(revision.to_owned()),
+        files: records,
+        imported_at: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+    };
+    let tmp = dir.join("manifest.json.partial");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&record)?)?;
+    std::fs::rename(&tmp, dir.join("manifest.json"))?;
+    Ok(record)
+}
+
+/// Deletes exactly one model's files (and their partials), then its directory if that leaves it empty.
+pub fn rm(name: &str) -> Result<()> {
+    let shell = Shell::open()?;
+    let dir: PathBuf = match parse_target(&shell, name) {
+        Ok(target) => shell.model_dir(&target.source),
+        Err(_) => match models::imported(&shell).into_iter().find(|(_, m)| m.id == name) {
+            Some((dir, _)) => dir,
+            None => bail!("no downloaded or imported model `{name}`"),
+        },
+    };
+    let manifest_path = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest_path).with_context(|| format!("{name} is not downloaded (no {})", manifest_path.display()))?;
+    let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("{} is malformed", manifest_path.display()))?;
+    let _lock = ModelLock::acquire(&dir.with_extension("lock"))?;
+    let mut freed = 0;
+    for file in &manifest.files {
+        let path = dir.join(&file.path);
+        if !path.starts_with(&dir) || file.path.contains("..") {
+            bail!("{} lists a path outside the model: {}", manifest_path.display(), file.path);
+        }
+        for p in [partial_path(&path), path] {
+            if let Ok(meta) = std::fs::metadata(&p) {
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                freed += meta.len();
+            }
+        }
+    }
+    std::fs::remove_file(&manifest_path)?;
+    let _ = std::fs::remove_dir(&dir); // only if now empty; never a parent
+    let _ = std::fs::remove_file(dir.with_extension("lock"));
+    println!("removed {name} ({} freed)", human_bytes(freed));
+    Ok(())
+}

@@ -1,0 +1,252 @@
+//! Pulling models from a hub: the real download code against a local imitation of the hub
+//! (tests/common/hub_server.rs) with faults injected: dropped connections, flipped bytes, 500s, a slow
+//! link killed with SIGKILL, a gated repository, a disk too small, concurrent pulls, and `rm`.
+
+mod common;
+#[path = "common/hub_server.rs"]
+mod hub_server;
+
+use hub_server::{FakeHub, File};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const REPO: &str = "mlx-community/gemma-3-270m-it-bf16";
+const DIR: &str = "Models/mlx-community--gemma-3-270m-it-bf16";
+
+fn fixture(name: &str) -> Arc<Vec<u8>> {
+    Arc::new(std::fs::read(common::fixture(&format!("tiny/tiny-gemma3/{name}"))).unwrap())
+}
+
+/// The catalog's gemma-3-270m-it repository, holding the tiny Gemma 3 (plus a file a snapshot skips).
+fn hub() -> FakeHub {
+    let hub = FakeHub::start();
+    hub.add_repo(
+        REPO,
+        vec![
+            File { name: "config.json".into(), data: fixture("config.json"), lfs: false },
+            File { name: "model.safetensors".into(), data: fixture("model.safetensors"), lfs: true },
+            File { name: "README.md".into(), data: Arc::new(b"# not needed".to_vec()), lfs: false },
+        ],
+    );
+    hub
+}
+
+fn command(home: &Path, hub: &FakeHub, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgechat"));
+    cmd.args(args).env("EDGECHAT_HOME", home).env("EDGECHAT_HUB_ENDPOINT", &hub.url).env_remove("HF_TOKEN").env_remove("HF_ENDPOINT");
+    cmd
+}
+
+fn edgechat(home: &Path, hub: &FakeHub, args: &[&str]) -> Output {
+    command(home, hub, args).output().unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn assert_pulled(home: &Path) {
+    let dir = home.join(DIR);
+    assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), *fixture("model.safetensors"));
+    assert_eq!(std::fs::read(dir.join("config.json")).unwrap(), *fixture("config.json"));
+    assert!(!dir.join("model.safetensors.partial").exists());
+    assert!(!dir.join("README.md").exists(), "files a snapshot does not need are skipped");
+}
+
+#[test]
+fn a_catalog_model_pulls_verifies_and_runs() {
+    let hub = hub();
+    let home = tempfile::tempdir().unwrap();
+    let out = edgechat(home.path(), &hub, &["pull", "gemma-3-270m-it", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_pulled(home.path());
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let fractions: Vec<f64> = events.iter().filter(|e| e["event"] == "progress").map(|e| e["fraction"].as_f64().unwrap()).collect();
+    assert!(fractions.windows(2).all(|w| w[0] <= w[1]) && fractions.iter().all(|f| (0.0..=1.0).contains(f)), "{fractions:?}");
+    assert_eq!(events.last().unwrap()["event"], "done");
+
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(home.path().join(DIR).join("manifest.json")).unwrap()).unwrap();
+    let sha = hub.state.lock().unwrap().repos[REPO].sha.clone();
+    assert_eq!(manifest["revision"], sha);
+    assert_eq!(manifest["adapter"], "gemma");
+
+    // Again: nothing to do.
+    let requests = hub.state.lock().unwrap().requests.len();
+    let out = edgechat(home.path(), &hub, &["pull", "gemma-3-270m-it"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("already downloaded"));
+    let cdn = hub.state.lock().unwrap().requests[requests..].iter().filter(|r| r.0.starts_with("/cdn/")).count();
+    assert_eq!(cdn, 0, "a complete model is not downloaded again");
+
+    // And it runs: the tiny model's greedy continuation.
+    let out = edgechat(home.path(), &hub, &["run", "gemma-3-270m-it", "--input-ids", "2,697,694,169,697", "--max-tokens", "3", "--json", "--temperature", "0"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let tokens: Vec<u64> = String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()?["token"].as_u64()).collect();
+    assert_eq!(tokens, [183, 183, 753]);
+}
+
+#[test]
+fn dropped_connections_resume_with_ranges() {
+    let hub = hub();
+    hub.faults().faults.drop_after.insert("model.safetensors".into(), vec![300_000, 400_000]);
+    let home = tempfile::tempdir().unwrap();
+    let out = edgechat(home.path(), &hub, &["pull", "gemma-3-270m-it"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_pulled(home.path());
+    let ranges: Vec<String> = hub.state.lock().unwrap().requests.iter().filter(|r| r.0.starts_with("/cdn/")).filter_map(|r| r.1.clone()).collect();
+    assert_eq!(ranges, ["bytes=300000-", "bytes=700000-"], "each retry resumes where the last connection died");
+}
+
+#[test]
+fn a_flipped_byte_is_caught() {
+    let hub = hub();
+    let home = tempfile::tempdir().unwrap();
+    // Once: caught, the file is fetched again, and the pull succeeds.
+    hub.faults().faults.flip.insert("model.safetensors".into(), 1);
+    let out = edgechat(home.path(), &hub, &["pull", "gemma-3-270m-it"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_pulled(home.path());
+
+    // Every time: the pull fails naming the file and both hashes, and nothing corrupt is left.
+    let home = tempfile::tempdir().unwrap();
+    hub.faults().faults.flip.insert("model.safetensors".into(), 10);
+    let out = edgechat(home.path(), &hub, &["pull", "gemma-3-270m-it"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    let want = hub_server::sha256(&fixture("model.safetensors"));
+    assert!(err.contains("model.safetensors: sha256 is") && err.contains(&format!("expected {want}")), "{err}");
+    let dir = home.path().join(DIR);
+    assert!(!dir.join("model.safetensors").exists() && !dir.join("model.safetensors.partial").exists());
+}
+
+#[test]
+fn server_errors_are_retried_then_reported() {
+    let hub = hub();
+    let home = tempfile::tempdir().unwrap();
+    hub.faults().faults.fail.insert("model.safetensors".into(), 2);
+    let out = edgechat(home.path(), &hub, &["pull", "gemma-3-270m-it"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_pulled(home.path());
+
+    let home = tempfile::tempdir().unwrap();
+    hub.faults().faults.fail.insert("model.safetensors".into(), 100);
+    let out = edgechat(home.path(), &hub, &["pull", "gemma-3-270m-it"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("answered 500") && stderr(&out).contains("gave up after 5 attempts"), "{}", stderr(&out));
+}
+
+#[test]
+fn missing_and_gated_repositories_are_clear_errors() {
+    let hub = hub();
+    let home = tempfile::tempdir().unwrap();
+    let out = edgechat(home.path(), &hub, &["pull", "hub:nobody/missing"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("the hub has no nobody/missing@main"), "{}", stderr(&out));
+
+    hub.faults().faults.gated.insert(REPO.into(), "secret".into());
+    let out = edgechat(home.path(), &hub, &["pull", "gemma-3-270m-it"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("gated or private") && stderr(&out).contains("HF_TOKEN"), "{}", stderr(&out));
+
+    let out = command(home.path(), &hub, &["pull", "gemma-3-270m-it"]).env("HF_TOKEN", "secret").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_pulled(home.path());
+
+    let out = edgechat(home.path(), &hub, &["pull", "hub:not-a-reference"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not a hub reference"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_hub_reference_picks_its_adapter_from_config_json() {
+    let hub = hub();
+    hub.add_repo("someone/tiny-lfm2", vec![
+        File { name: "config.json".into(), data: Arc::new(std::fs::read(common::fixture("tiny/tiny-lfm2/config.json")).unwrap()), lfs: false },
+        File { name: "model.safetensors".into(), data: Arc::new(std::fs::read(common::fixture("tiny/tiny-lfm2/model.safetensors")).unwrap()), lfs: true },
+    ]);
+    let home = tempfile::tempdir().unwrap();
+    let out = edgechat(home.path(), &hub, &["pull", "hub:someone/tiny-lfm2@main"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let manifest = std::fs::read_to_string(home.path().join("Models/someone--tiny-lfm2/manifest.json")).unwrap();
+    assert!(manifest.contains("\"adapter\": \"leap\"") && manifest.contains("\"architecture\": \"lfm2\""), "{manifest}");
+}
+
+#[test]
+fn a_pull_killed_at_any_point_resumes_to_identical_files() {
+    let hub = hub();
+    hub.faults().faults.delay_per_chunk = Duration::from_millis(15);
+    let home = tempfile::tempdir().unwrap();
+    let partial = home.path().join(DIR).join("model.safetensors.partial");
+    let total = fixture("model.safetensors").len() as u64;
+    for fraction in [0.2, 0.5, 0.8] {
+        let mut child = command(home.path(), &hub, &["pull", "gemma-3-270m-it"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) < (total as f64 * fraction) as u64 {
+            assert!(Instant::now() < deadline, "download did not progress");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        child.kill().unwrap(); // SIGKILL: no cleanup runs
+        child.wait().unwrap();
+        assert!(!home.path().join(DIR).join("model.safetensors").exists(), "nothing partial at the final path");
+    }
+    hub.faults().faults.delay_per_chunk = Duration::ZERO;
+    let out = edgechat(home.path(), &hub, &["pull", "gemma-3-270m-it"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_pulled(home.path());
+    let resumed = hub.state.lock().unwrap().requests.iter().filter(|r| r.1.is_some()).count();
+    assert!(resumed >= 3, "pulls after a kill resume with Range ({resumed})");
+}
+
+#[test]
+fn too_little_disk_fails_before_writing() {
+    let hub = hub();
+    hub.faults().faults.listed_size.insert("model.safetensors".into(), 1 << 60);
+    let home = tempfile::tempdir().unwrap();
+    let out = edgechat(home.path(), &hub, &["pull", "gemma-3-270m-it"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("not enough disk space"), "{}", stderr(&out));
+    let dir = home.path().join(DIR);
+    assert!(!dir.join("model.safetensors").exists() && !dir.join("model.safetensors.partial").exists());
+}
+
+#[test]
+fn concurrent_pulls_end_with_one_correct_copy() {
+    let hub = hub();
+    hub.faults().faults.delay_per_chunk = Duration::from_millis(5);
+    let home = tempfile::tempdir().unwrap();
+    let children: Vec<_> = (0..2).map(|_| command(home.path(), &hub, &["pull", "gemma-3-270m-it"]).output()).collect();
+    let mut ok = 0;
+    for out in children {
+        let out = out.unwrap();
+        if out.status.success() {
+            ok += 1;
+        } else {
+            assert!(stderr(&out).contains("another edgechat is downloading this model"), "{}", stderr(&out));
+        }
+    }
+    assert!(ok >= 1);
+    assert_pulled(home.path());
+}
+
+#[test]
+fn rm_removes_exactly_one_model() {
+    let hub = hub();
+    hub.add_repo("mlx-community/gemma-3-1b-it-bf16", vec![
+        File { name: "config.json".into(), data: fixture("config.json"), lfs: false },
+        File { name: "model.safetensors".into(), data: fixture("model.safetensors"), lfs: true },
+    ]);
+    let home = tempfile::tempdir().unwrap();
+    for id in ["gemma-3-270m-it", "gemma-3-1b-it"] {
+        let out = edgechat(home.path(), &hub, &["pull", id]);
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    let sibling_file = home.path().join("Models/mlx-community--gemma-3-1b-it-bf16/model.safetensors");
+    let out = edgechat(home.path(), &hub, &["rm", "gemma-3-270m-it"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(!home.path().join(DIR).exists());
+    assert!(sibling_file.exists() && home.path().join("Models").exists());
+    let out = edgechat(home.path(), &hub, &["rm", "gemma-3-270m-it"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is not downloaded"), "{}", stderr(&out));
+}
