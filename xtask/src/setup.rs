@@ -72,14 +72,16 @@ fn use_openblas(root: &Path) -> Result<()> {
     let libs = root.join(".toolchain/mlx-cpu/mlx_cpu.libs");
     let Some(bundled) = std::fs::read_dir(&libs)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libblas-")))
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libblas-") && !n.to_string_lossy().ends_with(".netlib")))
     else {
         bail!("no bundled libblas in {}", libs.display());
     };
     if std::fs::read_link(&bundled).is_ok_and(|target| target == Path::new(OPENBLAS)) || !Path::new(OPENBLAS).exists() {
         return Ok(());
     }
-    std::fs::rename(&bundled, bundled.with_extension("netlib"))?;
+    let mut kept = bundled.clone().into_os_string();
+    kept.push(".netlib");
+    std::fs::rename(&bundled, &kept)?;
     std::os::unix::fs::symlink(OPENBLAS, &bundled)?;
     eprintln!("xtask: MLX uses OpenBLAS ({OPENBLAS})");
     Ok(())
