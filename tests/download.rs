@@ -79,6 +79,25 @@ fn a_catalog_model_pulls_verifies_and_runs() {
     let cdn = hub.state.lock().unwrap().requests[requests..].iter().filter(|r| r.0.starts_with("/cdn/")).count();
     assert_eq!(cdn, 0, "a complete model is not downloaded again");
 
+    // `models` shows it downloaded, with its size and revision; `select` remembers it.
+    let out = edgechat(home.path(), &hub, &["select", "gemma-3-270m-it"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let out = edgechat(home.path(), &hub, &["models", "--json"]);
+    let listed: serde_json::Value = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|m| m["id"] == "gemma-3-270m-it").unwrap();
+    assert_eq!(listed["downloaded"], true);
+    assert_eq!(listed["revision"], sha);
+    assert_eq!(listed["selected"], true);
+    let expected_bytes = fixture("model.safetensors").len() + fixture("config.json").len();
+    assert_eq!(listed["bytes_on_disk"], expected_bytes);
+
+    // Both pulls are on record in edgechat.db.
+    let db = edgechat::db::Db::open(&home.path().join("edgechat.db")).unwrap();
+    let records = db.downloads("gemma-3-270m-it").unwrap();
+    let outcomes: Vec<&str> = records.iter().map(|r| r.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["complete", "already-downloaded"]);
+    assert_eq!(records[0].bytes as usize, expected_bytes);
+    assert_eq!(records[0].revision.as_deref(), Some(sha.as_str()));
+
     // And it runs: the tiny model's greedy continuation.
     let out = edgechat(home.path(), &hub, &["run", "gemma-3-270m-it", "--input-ids", "2,697,694,169,697", "--max-tokens", "3", "--json", "--temperature", "0"]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -134,6 +153,8 @@ fn server_errors_are_retried_then_reported() {
     let out = edgechat(home.path(), &hub, &["pull", "gemma-3-270m-it"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("answered 500") && stderr(&out).contains("gave up after 5 attempts"), "{}", stderr(&out));
+    let db = edgechat::db::Db::open(&home.path().join("edgechat.db")).unwrap();
+    assert!(db.downloads("gemma-3-270m-it").unwrap()[0].outcome.starts_with("failed: "));
 }
 
 #[test]

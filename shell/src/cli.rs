@@ -64,6 +64,8 @@ enum Command {
     },
     /// Delete a downloaded or imported model's files.
     Rm { model: String },
+    /// Remember a model as the selected one (shown with * in `models`).
+    Select { model: String },
     /// Measure prefill and decode speed and peak memory.
     Bench {
         model: String,
@@ -108,6 +110,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => commands::run::run(args),
         Command::Pull { model, json } => commands::pull::pull(&model, json),
         Command::Rm { model } => commands::pull::rm(&model),
+        Command::Select { model } => commands::select(&model),
         Command::Bench { model, prompt_tokens, gen_tokens, dtype, runs } => {
             commands::bench::bench(commands::bench::BenchArgs { model, prompt_tokens, gen_tokens, dtype, runs })
         }

@@ -30,6 +30,8 @@ pub struct FileSpec {
 pub struct Progress {
     pub total: AtomicU64,
     pub done: AtomicU64,
+    /// Bytes received in this run (what a download record reports).
+    pub transferred: AtomicU64,
 }
 
 impl Progress {
@@ -150,7 +152,7 @@ impl Downloader<'_> {
                 }
             }
         }
-        let transferred = AtomicU64::new(0);
+        let transferred = &progress.transferred;
         let queue = Mutex::new(pending);
         let first_error: Mutex<Option<DownloadError>> = Mutex::new(None);
         std::thread::scope(|scope| {
@@ -160,7 +162,7 @@ impl Downloader<'_> {
                         return;
                     }
                     let Some(file) = queue.lock().unwrap().pop() else { return };
-                    if let Err(e) = self.fetch(&file, progress, &transferred) {
+                    if let Err(e) = self.fetch(&file, progress, transferred) {
                         first_error.lock().unwrap().get_or_insert(e);
                         return;
                     }
@@ -169,7 +171,7 @@ impl Downloader<'_> {
         });
         match first_error.into_inner().unwrap() {
             Some(e) => Err(e),
-            None => Ok(transferred.into_inner()),
+            None => Ok(transferred.load(Ordering::Relaxed)),
         }
     }
 

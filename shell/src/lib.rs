@@ -6,6 +6,7 @@ pub mod adapter;
 pub mod catalog;
 pub mod cli;
 pub mod commands;
+pub mod db;
 pub mod download;
 pub mod engine;
 pub mod generate;

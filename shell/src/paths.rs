@@ -30,6 +30,10 @@ impl Paths {
         self.data.join("Models")
     }
 
+    pub fn database(&self) -> PathBuf {
+        self.data.join("edgechat.db")
+    }
+
     pub fn compiled_adapters(&self) -> PathBuf {
         self.cache.join("compiled-adapters")
     }

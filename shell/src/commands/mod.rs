@@ -94,12 +94,43 @@ fn human_count(n: u64) -> String {
     if n >= 950_000_000 { format!("{:.2}B", n as f64 / 1e9) } else { format!("{:.0}M", n as f64 / 1e6) }
 }
 
+/// Whether a model directory holds everything its manifest lists (by size), its bytes, its revision.
+pub fn local_state(dir: &Path) -> Option<(bool, u64, Option<String>)> {
+    let manifest: crate::models::Manifest = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).ok()?).ok()?;
+    let mut bytes = 0;
+    let mut complete = true;
+    for f in &manifest.files {
+        match std::fs::metadata(dir.join(&f.path)) {
+            Ok(m) if m.len() == f.size => bytes += m.len(),
+            _ => complete = false,
+        }
+    }
+    Some((complete, bytes, manifest.revision))
+}
+
+fn state_label(state: &Option<(bool, u64, Option<String>)>) -> String {
+    match state {
+        Some((true, bytes, revision)) => {
+            let rev = revision.as_deref().map(|r| format!(" @{}", &r[..r.len().min(7)])).unwrap_or_default();
+            format!("{}{rev}", human_bytes(*bytes))
+        }
+        Some((false, _, _)) => "incomplete".into(),
+        None => "-".into(),
+    }
+}
+
 pub fn models(json: bool) -> Result<()> {
     let shell = Shell::open()?;
+    let selected = crate::db::Db::open(&shell.paths.database())?.selected()?.map(|s| s.model);
     if !json {
-        println!("{:<16} {:<28} {:<10} {:<18} {:>7} {:>8} {:>9} {:>9}", "ID", "NAME", "PROVIDER", "RUNTIME", "PARAMS", "CONTEXT", "DOWNLOAD", "MEMORY");
+        println!(
+            "  {:<16} {:<28} {:<10} {:<18} {:>7} {:>8} {:>9} {:>9}  {}",
+            "ID", "NAME", "PROVIDER", "RUNTIME", "PARAMS", "CONTEXT", "DOWNLOAD", "MEMORY", "ON DISK"
+        );
     }
     for entry in &shell.catalog.models {
+        let mark = if selected.as_deref() == Some(&entry.id) { "*" } else { " " };
+        let state = local_state(&shell.model_dir(&entry.source));
         let description = shell
             .registry
             .get(&entry.adapter)
@@ -107,7 +138,7 @@ pub fn models(json: bool) -> Result<()> {
             .and_then(|mut s| Ok(s.describe(&entry.source.to_wit())?));
         match (description, json) {
             (Ok(d), false) => println!(
-                "{:<16} {:<28} {:<10} {:<18} {:>7} {:>8} {:>9} {:>9}",
+                "{mark} {:<16} {:<28} {:<10} {:<18} {:>7} {:>8} {:>9} {:>9}  {}",
                 entry.id,
                 d.display_name,
                 d.provider,
@@ -115,7 +146,8 @@ pub fn models(json: bool) -> Result<()> {
                 human_count(d.parameters),
                 d.context_length,
                 human_bytes(d.download_bytes),
-                human_bytes(d.memory_bytes)
+                human_bytes(d.memory_bytes),
+                state_label(&state),
             ),
             (Ok(d), true) => println!(
                 "{}",
@@ -124,12 +156,46 @@ pub fn models(json: bool) -> Result<()> {
                     "name": d.display_name, "family": d.family, "provider": d.provider,
                     "runtime": runtime_label(d.runtime), "parameters": d.parameters, "context_length": d.context_length,
                     "download_bytes": d.download_bytes, "memory_bytes": d.memory_bytes,
+                    "downloaded": state.as_ref().is_some_and(|s| s.0), "bytes_on_disk": state.as_ref().map(|s| s.1),
+                    "revision": state.and_then(|s| s.2), "selected": selected.as_deref() == Some(&entry.id),
                 })
             ),
-            (Err(e), false) => println!("{:<16} (unavailable: {e:#})", entry.id),
+            (Err(e), false) => println!("{mark} {:<16} (unavailable: {e:#})", entry.id),
             (Err(e), true) => println!("{}", serde_json::json!({ "id": entry.id, "error": format!("{e:#}") })),
         }
     }
+    let catalog_dirs: Vec<std::path::PathBuf> = shell.catalog.models.iter().map(|m| shell.model_dir(&m.source)).collect();
+    for (dir, m) in crate::models::imported(&shell).into_iter().filter(|(dir, _)| !catalog_dirs.contains(dir)) {
+        let state = local_state(&dir);
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "id": m.id, "adapter": m.adapter, "architecture": m.architecture, "source": m.source,
+                    "dtype": m.dtype, "downloaded": state.as_ref().is_some_and(|s| s.0), "bytes_on_disk": state.as_ref().map(|s| s.1),
+                    "revision": m.revision, "selected": selected.as_deref() == Some(&m.id) })
+            );
+        } else {
+            let mark = if selected.as_deref() == Some(&m.id) { "*" } else { " " };
+            println!("{mark} {:<16} {:<28} {:<10} {:<18} {:>7} {:>8} {:>9} {:>9}  {}", m.id, m.architecture, "", format!("{} ({})", m.format, m.dtype), "", "", "", "", state_label(&state));
+        }
+    }
+    Ok(())
+}
+
+/// `edgechat select`: remember the model to use, with the adapter and runtime that run it.
+pub fn select(model: &str) -> Result<()> {
+    let shell = Shell::open()?;
+    let selection = if let Some(entry) = shell.catalog.get(model) {
+        let description = shell.registry.get(&entry.adapter)?.instantiate()?.describe(&entry.source.to_wit())?;
+        crate::db::Selection { model: model.to_owned(), adapter: entry.adapter.clone(), runtime: runtime_label(description.runtime).to_owned() }
+    } else if let Some((_, m)) = crate::models::imported(&shell).into_iter().find(|(_, m)| m.id == model) {
+        let runtime = if m.format == "gguf" { RuntimeKind::MlxGguf } else { RuntimeKind::MlxSafetensors };
+        crate::db::Selection { model: model.to_owned(), adapter: m.adapter, runtime: runtime_label(runtime).to_owned() }
+    } else {
+        bail!("no model `{model}` in the catalog or among imported models");
+    };
+    crate::db::Db::open(&shell.paths.database())?.select(&selection)?;
+    println!("selected {} (adapter {}, {})", selection.model, selection.adapter, selection.runtime);
     Ok(())
 }
 

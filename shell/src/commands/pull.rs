@@ -3,6 +3,7 @@
 use super::{human_bytes, Shell};
 use crate::adapter::bindings::exports::edgechat::adapter::catalog::Layout;
 use crate::catalog::Source;
+use crate::db::Db;
 use crate::download::{partial_path, DownloadError, Downloader, FileSpec, ModelLock, Progress};
 use crate::hub::Hub;
 use crate::models::{self, FileRecord, Manifest, ModelFiles};
@@ -80,6 +81,8 @@ pub fn pull(name: &str, json: bool) -> Result<()> {
         .collect::<Result<_>>()?;
 
     let _lock = ModelLock::acquire(&dir.with_extension("lock"))?;
+    let db = Db::open(&shell.paths.database())?;
+    let record = db.start_download(name, &target.source.to_string(), Some(&manifest.revision))?;
     let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::SeqCst));
     let downloader = Downloader { hub: &hub, client: hub.client()?, parallel: 3, attempts: 5, backoff: Duration::from_millis(500), cancel: &CANCEL };
     let progress = Progress::default();
@@ -90,6 +93,13 @@ pub fn pull(name: &str, json: bool) -> Result<()> {
         finished.store(true, Ordering::SeqCst);
         result
     });
+    let outcome = match &result {
+        Ok(0) => "already-downloaded".to_owned(),
+        Ok(_) => "complete".to_owned(),
+        Err(DownloadError::Cancelled) => "cancelled".to_owned(),
+        Err(DownloadError::Fatal(e)) => format!("failed: {e}"),
+    };
+    db.finish_download(record, progress.transferred.load(Ordering::Relaxed), &outcome)?;
     match result {
         Ok(0) => println!("{name} is already downloaded ({})", dir.display()),
         Ok(bytes) => {
