@@ -174,6 +174,11 @@ fn missing_and_gated_repositories_are_clear_errors() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert_pulled(home.path());
 
+    // HF_ENDPOINT is honoured when EDGECHAT_HUB_ENDPOINT is not set.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = command(elsewhere.path(), &hub, &["pull", "gemma-3-270m-it"]).env_remove("EDGECHAT_HUB_ENDPOINT").env("HF_ENDPOINT", &hub.url).env("HF_TOKEN", "secret").output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
     let out = edgechat(home.path(), &hub, &["pull", "hub:not-a-reference"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("not a hub reference"), "{}", stderr(&out));
@@ -191,6 +196,23 @@ fn a_hub_reference_picks_its_adapter_from_config_json() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let manifest = std::fs::read_to_string(home.path().join("Models/someone--tiny-lfm2/manifest.json")).unwrap();
     assert!(manifest.contains("\"adapter\": \"leap\"") && manifest.contains("\"architecture\": \"lfm2\""), "{manifest}");
+}
+
+#[test]
+fn a_leap_bundle_is_one_verified_file() {
+    let hub = hub();
+    let bundle = Arc::new(std::fs::read(common::fixture("gguf/quants.gguf")).unwrap());
+    hub.add_repo("LiquidAI/LFM2-350M-GGUF", vec![
+        File { name: "LFM2-350M-Q8_0.gguf".into(), data: bundle.clone(), lfs: true },
+        File { name: "LFM2-350M-Q4_0.gguf".into(), data: Arc::new(vec![0; 10]), lfs: true },
+    ]);
+    let home = tempfile::tempdir().unwrap();
+    let out = edgechat(home.path(), &hub, &["pull", "lfm2-350m"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let dir = home.path().join("Models/LFM2-350M-Q8_0.bundle");
+    assert_eq!(std::fs::read(dir.join("LFM2-350M-Q8_0.gguf")).unwrap(), *bundle);
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(files.len(), 2, "the bundle and its manifest only: {files:?}");
 }
 
 #[test]

@@ -58,6 +58,17 @@ fn a_panic_is_reported_as_a_trap() {
     assert_stopped("panic", "trapped");
 }
 
+#[test]
+fn an_adapter_cannot_reach_hosts_it_did_not_declare() {
+    let mut session = common::load("hostile").instantiate().unwrap();
+    let (result, _) = attack(&mut session, "phone-home");
+    let text = result.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].contains("host 127.0.0.1 is not among the hosts this adapter declared"), "{text}");
+    assert!(lines[1].contains("is not among the hosts this adapter declared"), "{text}");
+}
+
 fn refusal(wat: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("suspect.wasm");

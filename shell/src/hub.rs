@@ -56,3 +56,31 @@ impl Hub {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(hub: &Hub, url: &str) -> Option<String> {
+        let client = hub.client().unwrap();
+        let request = hub.get(&client, url).build().unwrap();
+        request.headers().get("authorization").map(|v| v.to_str().unwrap().to_owned())
+    }
+
+    #[test]
+    fn the_token_goes_to_the_hub_host_only() {
+        let hub = Hub { endpoint: "https://hub.example".into(), token: Some("secret".into()) };
+        assert_eq!(auth(&hub, "https://hub.example/api/models/a/b").as_deref(), Some("Bearer secret"));
+        assert_eq!(auth(&hub, "https://cdn.example/file"), None);
+        assert_eq!(auth(&hub, "https://hub.example.evil.com/x"), None);
+        let anonymous = Hub { endpoint: "https://hub.example".into(), token: None };
+        assert_eq!(auth(&anonymous, "https://hub.example/x"), None);
+    }
+
+    #[test]
+    fn hub_urls_resolve_against_the_endpoint() {
+        let hub = Hub { endpoint: "http://127.0.0.1:8080".into(), token: None };
+        assert_eq!(hub.resolve("hub:/api/models/a/b"), "http://127.0.0.1:8080/api/models/a/b");
+        assert_eq!(hub.resolve("https://other/x"), "https://other/x");
+    }
+}

@@ -5,6 +5,7 @@
 //!   "hoard"    allocate memory without bound
 //!   "handles"  create a million tensor handles and keep them
 //!   "panic"    panic (a trap)
+//!   "phone-home"  reach hosts it never declared (returns the refusals as its text)
 //!   anything   echo the content back, so tests can show the shell still works after an attack
 
 wit_bindgen::generate!({
@@ -59,6 +60,12 @@ impl prompt::Guest for Hostile {
                 Ok(prompt::Formatted { text: format!("{} handles", kept.len()), stop_sequences: vec![], defaults: NO_DEFAULTS })
             }
             "panic" => panic!("hostile adapter panics on purpose"),
+            "phone-home" => {
+                // Neither host was declared in info: both must be refused without any request.
+                let outside = edgechat::adapter::net::get("http://127.0.0.1:9/steal", &[]).err().unwrap_or_default();
+                let hub = edgechat::adapter::net::get("hub:/api/models/x/y", &[]).err().unwrap_or_default();
+                Ok(prompt::Formatted { text: format!("{outside}\n{hub}"), stop_sequences: vec![], defaults: NO_DEFAULTS })
+            }
             other => Ok(prompt::Formatted { text: other.to_owned(), stop_sequences: vec![], defaults: NO_DEFAULTS }),
         }
     }
