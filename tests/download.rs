@@ -253,6 +253,44 @@ fn too_little_disk_fails_before_writing() {
     assert!(!dir.join("model.safetensors").exists() && !dir.join("model.safetensors.partial").exists());
 }
 
+/// A real full disk: a small tmpfs that fills up while the download runs. Needs permission to mount
+/// (root, as in CI); elsewhere the test says so and passes.
+#[test]
+fn a_disk_filling_up_mid_download_fails_cleanly() {
+    let mount = tempfile::tempdir().unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=80m", "tmpfs"]).arg(mount.path()).status().is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a tmpfs here");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.path());
+    let hub = hub();
+    hub.faults().faults.delay_per_chunk = Duration::from_millis(20);
+    let home = mount.path().join("home");
+    let mut child = command(&home, &hub, &["pull", "gemma-3-270m-it"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
+    let partial = home.join(DIR).join("model.safetensors.partial");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "download did not start");
+        if child.try_wait().unwrap().is_some() {
+            panic!("pull ended early: {}", stderr(&child.wait_with_output().unwrap()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Someone else fills the disk (80 MiB tmpfs: the pull's own free-space check passed with 64 MiB spare).
+    let _ = std::fs::write(mount.path().join("filler"), vec![0u8; 80 << 20]);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("the disk is full"), "{}", stderr(&out));
+    assert!(!home.join(DIR).join("model.safetensors").exists() && !partial.exists());
+}
+
 #[test]
 fn concurrent_pulls_end_with_one_correct_copy() {
     let hub = hub();

@@ -283,6 +283,11 @@ impl Downloader<'_> {
                 Ok(n) => n,
                 Err(e) => return Attempt::Transient(format!("{}: connection lost: {e}", file.url)),
             };
+            let written = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+            if written + n as u64 > file.size {
+                let _ = std::fs::remove_file(&partial);
+                return Attempt::Fatal(format!("{} sent more than the {} bytes {} should have", file.url, file.size, file.dest.display()));
+            }
             if let Err(e) = out.write_all(&buf[..n]) {
                 let disk_full = e.raw_os_error() == Some(28);
                 let _ = std::fs::remove_file(&partial);
