@@ -5,8 +5,6 @@ use super::Shell;
 use crate::host::weights::Precision;
 use crate::models::{self, FileRecord, Manifest, ModelFiles, Weights};
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub struct ImportArgs {
@@ -97,24 +95,8 @@ fn copy_all(files: &[(PathBuf, String)], dest: &Path) -> Result<Vec<FileRecord>>
         .map(|(from, name)| {
             let to = dest.join(name);
             std::fs::copy(from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-            let (size, sha256) = hash_file(&to)?;
-            Ok(FileRecord { path: name.clone(), size, sha256 })
+            let size = std::fs::metadata(&to)?.len();
+            Ok(FileRecord { path: name.clone(), size, sha256: crate::download::sha256_of(&to)? })
         })
         .collect()
-}
-
-pub fn hash_file(path: &Path) -> Result<(u64, String)> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((size, hex::encode(hasher.finalize())))
 }

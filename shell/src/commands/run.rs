@@ -84,6 +84,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         Some(prompt) if args.raw => {
             let tokenizer = tokenizer.as_ref().context("this model has no tokenizer.json: use --input-ids")?;
             let ids = tokenizer.encode(prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
+            // Raw text still ends at the family's end-of-text tokens; the adapter names them with any prompt.
             let (stops, _) = chat.format(&[Message { role: "user".into(), content: String::new() }])?;
             chat.reply_to_tokens(ids, &stops)
         }
