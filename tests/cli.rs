@@ -110,7 +110,7 @@ fn models_lists_the_catalog_as_the_adapters_describe_it() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     for id in ["gemma-3-270m-it", "gemma-3-1b-it", "lfm2-350m", "lfm2-700m", "lfm2-1.2b"] {
-        let line = stdout.lines().find(|l| l.starts_with(id)).unwrap_or_else(|| panic!("{id} missing:\n{stdout}"));
+        let line = stdout.lines().find(|l| l[2..].starts_with(id)).unwrap_or_else(|| panic!("{id} missing:\n{stdout}"));
         let provider = if id.starts_with("gemma") { "Google" } else { "Liquid AI" };
         assert!(line.contains(provider) && line.contains("MLX"), "{line}");
     }
