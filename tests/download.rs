@@ -90,6 +90,17 @@ fn a_catalog_model_pulls_verifies_and_runs() {
     let expected_bytes = fixture("model.safetensors").len() + fixture("config.json").len();
     assert_eq!(listed["bytes_on_disk"], expected_bytes);
 
+    // A file changed behind edgechat's back no longer counts as downloaded.
+    let weights = home.path().join(DIR).join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    bytes[1000] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+    let out = edgechat(home.path(), &hub, &["models", "--json"]);
+    let listed: serde_json::Value = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()).find(|m| m["id"] == "gemma-3-270m-it").unwrap();
+    assert_eq!(listed["downloaded"], false);
+    bytes[1000] ^= 1;
+    std::fs::write(&weights, &bytes).unwrap();
+
     // Both pulls are on record in edgechat.db.
     let db = edgechat::db::Db::open(&home.path().join("edgechat.db")).unwrap();
     let records = db.downloads("gemma-3-270m-it").unwrap();

@@ -33,6 +33,35 @@ pub struct FileRecord {
     pub path: String,
     pub size: u64,
     pub sha256: String,
+    /// The file's modification time (ns since the epoch) when its hash was last verified; while it is
+    /// unchanged the hash need not be recomputed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_mtime: Option<u128>,
+}
+
+impl FileRecord {
+    /// Records `path` (relative to `dir`) as verified now.
+    pub fn verified(dir: &Path, path: &str, sha256: String) -> Result<FileRecord> {
+        let meta = std::fs::metadata(dir.join(path)).with_context(|| format!("reading {}", dir.join(path).display()))?;
+        Ok(FileRecord { path: path.to_owned(), size: meta.len(), sha256, verified_mtime: mtime(&meta) })
+    }
+
+    /// Whether the file in `dir` is present with the recorded size and hash (rehashing only if it was
+    /// modified since it was verified).
+    pub fn is_intact(&self, dir: &Path) -> bool {
+        let path = dir.join(&self.path);
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.len() == self.size => {
+                (self.verified_mtime.is_some() && mtime(&meta) == self.verified_mtime)
+                    || crate::download::sha256_of(&path).is_ok_and(|h| h == self.sha256)
+            }
+            _ => false,
+        }
+    }
+}
+
+fn mtime(meta: &std::fs::Metadata) -> Option<u128> {
+    meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_nanos())
 }
 
 pub enum Weights {

@@ -95,8 +95,7 @@ fn copy_all(files: &[(PathBuf, String)], dest: &Path) -> Result<Vec<FileRecord>>
         .map(|(from, name)| {
             let to = dest.join(name);
             std::fs::copy(from, &to).with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
-            let size = std::fs::metadata(&to)?.len();
-            Ok(FileRecord { path: name.clone(), size, sha256: crate::download::sha256_of(&to)? })
+            FileRecord::verified(dest, name, crate::download::sha256_of(&to)?)
         })
         .collect()
 }

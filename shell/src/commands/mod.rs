@@ -94,17 +94,12 @@ fn human_count(n: u64) -> String {
     if n >= 950_000_000 { format!("{:.2}B", n as f64 / 1e9) } else { format!("{:.0}M", n as f64 / 1e6) }
 }
 
-/// Whether a model directory holds everything its manifest lists (by size), its bytes, its revision.
+/// Whether a model directory holds every file its manifest lists with the recorded size and hash, its
+/// bytes on disk, its revision.
 pub fn local_state(dir: &Path) -> Option<(bool, u64, Option<String>)> {
     let manifest: crate::models::Manifest = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).ok()?).ok()?;
-    let mut bytes = 0;
-    let mut complete = true;
-    for f in &manifest.files {
-        match std::fs::metadata(dir.join(&f.path)) {
-            Ok(m) if m.len() == f.size => bytes += m.len(),
-            _ => complete = false,
-        }
-    }
+    let bytes = manifest.files.iter().filter_map(|f| std::fs::metadata(dir.join(&f.path)).ok()).map(|m| m.len()).sum();
+    let complete = manifest.files.iter().all(|f| f.is_intact(dir));
     Some((complete, bytes, manifest.revision))
 }
 

@@ -166,11 +166,12 @@ fn write_record(dir: &Path, target: &Target, adapter: &str, revision: &str, file
     let records = files
         .iter()
         .map(|f| {
+            // Files were verified as they were renamed into place; those without a published hash get theirs now.
             let sha256 = match &f.sha256 {
                 Some(s) => s.clone(),
                 None => crate::download::sha256_of(&f.dest)?,
             };
-            Ok(FileRecord { path: f.dest.strip_prefix(dir).unwrap_or(&f.dest).display().to_string(), size: f.size, sha256 })
+            FileRecord::verified(dir, &f.dest.strip_prefix(dir).unwrap_or(&f.dest).display().to_string(), sha256)
         })
         .collect::<Result<Vec<_>>>()?;
     let record = Manifest {
