@@ -169,6 +169,23 @@ fn every_precision_runs_close_to_f32() {
     }
 }
 
+/// A long prompt in one call stays within an adapter call's compute budget (sliding-window masks are
+/// built by the shell, not in the guest), and agrees with the same prompt fed in chunks.
+#[test]
+fn a_long_prompt_fits_one_call_and_matches_chunked_prefill() {
+    let mut model = load("gemma", "tiny-gemma3");
+    let ids: Vec<u32> = (0..2000).map(|i| 3 + (i * 37 % 1000) as u32).collect();
+    let cache = model.new_cache().unwrap();
+    let whole = model.forward(&ids, &cache, false).unwrap();
+    let cache = model.new_cache().unwrap();
+    let mut last = Vec::new();
+    for chunk in ids.chunks(700) {
+        last = model.forward(chunk, &cache, false).unwrap();
+    }
+    let diff = max_abs_diff(&whole, &last);
+    assert!(diff < TOLERANCE, "long prompt, whole vs chunked: {diff}");
+}
+
 #[test]
 fn trimming_past_what_a_sliding_window_kept_is_refused() {
     let mut model = load("gemma", "tiny-gemma3");

@@ -2,7 +2,7 @@
 //! MLX-quantized), embeddings usable as a tied output head, and caches that remember a bounded history
 //! so a conversation can be resumed from a shared prefix.
 
-use crate::wit::edgechat::adapter::tensor::{self, Array, Mask, RopeParams};
+use crate::wit::edgechat::adapter::tensor::{self, Array, Mask, RopeParams, WindowMask};
 use crate::wit::edgechat::adapter::weights::{self, Entry, QuantizedEntry};
 
 pub type R<T> = Result<T, String>;
@@ -213,36 +213,18 @@ impl KvCache {
         self.values.append(v, t)?;
         let (keys, values) = (self.keys.data().ok_or("no keys")?, self.values.data().ok_or("no values")?);
         let key_start = self.keys.start();
-        let mask = attention_mask(first, t, key_start, self.keys.end() - key_start, self.window, q)?;
-        let out = match &mask {
-            Some(m) => tensor::attention(q, keys, values, scale, &Mask::Explicit(m))?,
-            None if t > 1 => tensor::attention(q, keys, values, scale, &Mask::Causal)?,
-            None => tensor::attention(q, keys, values, scale, &Mask::None)?,
+        let mask = match self.window {
+            // Sliding layers keep more than the window (for resuming); the shell masks the excess.
+            Some(window) => Mask::SlidingWindow(WindowMask { window, query_offset: first, key_offset: key_start }),
+            // Causal masking aligned to the last key is exact for full attention.
+            None if t > 1 => Mask::Causal,
+            None => Mask::None,
         };
+        let out = tensor::attention(q, keys, values, scale, &mask)?;
         self.keys.compact()?;
         self.values.compact()?;
         Ok(out)
     }
-}
-
-/// The explicit mask a block of `t` queries (positions first..first+t) needs over keys at positions
-/// key_start..key_start+k, or None when plain causal masking (aligned to the last key) is exact.
-/// Query i sees key j iff j <= i and, in a sliding layer, i - window < j.
-fn attention_mask(first: u32, t: u32, key_start: u32, k: u32, window: Option<u32>, like: &Array) -> R<Option<Array>> {
-    let Some(window) = window else { return Ok(None) };
-    let oldest_needed = (first + 1).saturating_sub(window);
-    if key_start >= oldest_needed && t == 1 {
-        return Ok(None); // one query, every key within its window
-    }
-    let mut mask = Vec::with_capacity((t * k) as usize);
-    for i in first..first + t {
-        for j in key_start..key_start + k {
-            let visible = j <= i && j + window > i;
-            mask.push(if visible { 0.0 } else { f32::NEG_INFINITY });
-        }
-    }
-    let mask = Array::from_f32(&mask, &[1, 1, t, k])?;
-    Ok(Some(tensor::astype(&mask, like.dtype())?))
 }
 
 /// Rotary embedding of x [b, h, t, d] starting at `offset`, rotating halves (Gemma, LFM2).

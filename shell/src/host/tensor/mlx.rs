@@ -196,9 +196,19 @@ impl Backend for MlxBackend {
     }
 
     fn attention(&self, q: &Array, k: &Array, v: &Array, scale: f32, mask: Mask<'_, Array>) -> OpResult<Array> {
+        let window_mask;
         let mask = match mask {
             Mask::None => None,
             Mask::Causal => Some(ScaledDotProductAttentionMask::Causal),
+            Mask::SlidingWindow { window, query_offset, key_offset } => {
+                let (queries, keys) = (q.shape()[2], k.shape()[2]);
+                let positions = |from: i32, n: i32, shape: &[i32]| Array::from_slice(&(from..from + n).collect::<Vec<i32>>(), shape);
+                let query = positions(query_offset, queries, &[queries, 1]);
+                let oldest = positions(query_offset - window, queries, &[queries, 1]);
+                let key = positions(key_offset, keys, &[1, keys]);
+                window_mask = ops::logical_and(&ops::le(&key, &query).map_err(err)?, &ops::gt(&key, &oldest).map_err(err)?).map_err(err)?;
+                Some(ScaledDotProductAttentionMask::Array(&window_mask))
+            }
             Mask::Explicit(m) => Some(ScaledDotProductAttentionMask::Array(m)),
         };
         fast::scaled_dot_product_attention(q, k, v, scale, mask, None).map_err(err)

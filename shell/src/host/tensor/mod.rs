@@ -37,6 +37,8 @@ impl DType {
 pub enum Mask<'a, A> {
     None,
     Causal,
+    /// See the WIT `window-mask`.
+    SlidingWindow { window: i32, query_offset: i32, key_offset: i32 },
     Explicit(&'a A),
 }
 
@@ -354,6 +356,9 @@ impl wit::Host for HostState {
         let mask = match &mask {
             wit::Mask::None => Mask::None,
             wit::Mask::Causal => Mask::Causal,
+            wit::Mask::SlidingWindow(w) => {
+                Mask::SlidingWindow { window: w.window as i32, query_offset: w.query_offset as i32, key_offset: w.key_offset as i32 }
+            }
             wit::Mask::Explicit(m) => Mask::Explicit(self.array(m)?),
         };
         let result = self.tensors.backend.attention(self.array(&q)?, self.array(&k)?, self.array(&v)?, scale, mask);
