@@ -47,11 +47,16 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// Where the weights download before they are verified: named after the version (hash) they belong to.
+fn partial_of(dir: &Path) -> std::path::PathBuf {
+    dir.join(format!("model.safetensors.{}.partial", &hub_server::sha256(&fixture("model.safetensors"))[..16]))
+}
+
 fn assert_pulled(home: &Path) {
     let dir = home.join(DIR);
     assert_eq!(std::fs::read(dir.join("model.safetensors")).unwrap(), *fixture("model.safetensors"));
     assert_eq!(std::fs::read(dir.join("config.json")).unwrap(), *fixture("config.json"));
-    assert!(!dir.join("model.safetensors.partial").exists());
+    assert!(!partial_of(&dir).exists());
     assert!(!dir.join("README.md").exists(), "files a snapshot does not need are skipped");
 }
 
@@ -147,7 +152,7 @@ fn a_flipped_byte_is_caught() {
     let want = hub_server::sha256(&fixture("model.safetensors"));
     assert!(err.contains("model.safetensors: sha256 is") && err.contains(&format!("expected {want}")), "{err}");
     let dir = home.path().join(DIR);
-    assert!(!dir.join("model.safetensors").exists() && !dir.join("model.safetensors.partial").exists());
+    assert!(!dir.join("model.safetensors").exists() && !partial_of(&dir).exists());
 }
 
 #[test]
@@ -231,7 +236,7 @@ fn a_pull_killed_at_any_point_resumes_to_identical_files() {
     let hub = hub();
     hub.faults().faults.delay_per_chunk = Duration::from_millis(15);
     let home = tempfile::tempdir().unwrap();
-    let partial = home.path().join(DIR).join("model.safetensors.partial");
+    let partial = partial_of(&home.path().join(DIR));
     let total = fixture("model.safetensors").len() as u64;
     for fraction in [0.2, 0.5, 0.8] {
         let mut child = command(home.path(), &hub, &["pull", "gemma-3-270m-it"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
@@ -261,7 +266,7 @@ fn too_little_disk_fails_before_writing() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("not enough disk space"), "{}", stderr(&out));
     let dir = home.path().join(DIR);
-    assert!(!dir.join("model.safetensors").exists() && !dir.join("model.safetensors.partial").exists());
+    assert!(!dir.join("model.safetensors").exists() && !partial_of(&dir).exists());
 }
 
 /// A real full disk: a small tmpfs that fills up while the download runs. Needs permission to mount
@@ -285,7 +290,7 @@ fn a_disk_filling_up_mid_download_fails_cleanly() {
     hub.faults().faults.delay_per_chunk = Duration::from_millis(20);
     let home = mount.path().join("home");
     let mut child = command(&home, &hub, &["pull", "gemma-3-270m-it"]).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
-    let partial = home.join(DIR).join("model.safetensors.partial");
+    let partial = partial_of(&home.join(DIR));
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0) == 0 {
         assert!(Instant::now() < deadline, "download did not start");
@@ -341,4 +346,133 @@ fn rm_removes_exactly_one_model() {
     let out = edgechat(home.path(), &hub, &["rm", "gemma-3-270m-it"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("is not downloaded"), "{}", stderr(&out));
+}
+
+/// The hostile test adapter installed as a user adapter, and a hub repo `redteam/<attack>` whose
+/// config.json names it: `pull hub:redteam/<attack>` gets the attack's manifest.
+fn redteam(attack: &str) -> (tempfile::TempDir, FakeHub) {
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.path().join("adapters")).unwrap();
+    std::fs::copy(common::component("hostile"), home.path().join("adapters/hostile.wasm")).unwrap();
+    let hub = FakeHub::start();
+    let config = Arc::new(br#"{"model_type": "hostile"}"#.to_vec());
+    hub.add_repo(&format!("redteam/{attack}"), vec![File { name: "config.json".into(), data: config, lfs: false }]);
+    (home, hub)
+}
+
+/// Every file under `root`, relative.
+fn tree(root: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path.clone());
+            }
+            found.push(path.strip_prefix(root).unwrap().display().to_string());
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn hostile_manifests_are_refused_before_a_byte_is_fetched() {
+    let cases = [
+        ("empty-path", "manifest file \"\" is not a valid path"),
+        ("traversal", "is not a valid path"),
+        ("absolute", "is not a valid path"),
+        ("reserved", "a name edgechat keeps for itself"),
+        ("partial-name", "a name edgechat keeps for itself"),
+        ("case-duplicate", "twice (ignoring case)"),
+        ("overflow", "add up to more than"),
+        ("unhashed-weights", "no sha256"),
+        ("no-size", "no size"),
+        ("undeclared-host", "host attacker.example is not among the hosts this adapter declared"),
+        ("plain-http", "host attacker.example is not among the hosts"),
+        ("loopback", "not among the hosts"),
+        ("file-url", "not an http(s) URL"),
+        ("escape-revision", "is not a revision"),
+    ];
+    for (attack, expected) in cases {
+        let (home, hub) = redteam(attack);
+        let before = tree(home.path());
+        let out = edgechat(home.path(), &hub, &["pull", &format!("hub:redteam/{attack}")]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{attack}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{attack}: one line: {err}");
+        assert!(err.contains("adapter hostile: manifest"), "{attack}: names the adapter: {err}");
+        assert!(err.contains(expected), "{attack}: {err}");
+        assert!(!err.contains('\u{1b}'), "{attack}: no terminal escapes reach the terminal");
+        let downloads = hub.state.lock().unwrap().requests.iter().filter(|r| !r.0.contains("config.json")).count();
+        assert_eq!(downloads, 0, "{attack}: nothing fetched");
+        let after: Vec<String> = tree(home.path()).into_iter().filter(|p| !before.contains(p) && !p.ends_with("edgechat.db") && !p.starts_with("compiled")).collect();
+        assert!(after.iter().all(|p| !p.starts_with("Models")), "{attack}: nothing written: {after:?}");
+        assert!(!home.path().parent().unwrap().join("escaped.json").exists());
+        let models = edgechat(home.path(), &hub, &["models"]);
+        assert_eq!(models.status.code(), Some(0), "{attack}: models still works: {}", stderr(&models));
+    }
+}
+
+#[test]
+fn the_token_never_leaves_the_hub_origin() {
+    // The hub redirects its files to a "CDN" on another origin (another port): plain http off the hub's
+    // origin is refused before any request, so the token cannot reach it.
+    let hub = hub();
+    let cdn = FakeHub::start();
+    hub.faults().faults.cdn = Some(cdn.url.clone());
+    let home = tempfile::tempdir().unwrap();
+    let out = command(home.path(), &hub, &["pull", "gemma-3-270m-it"]).env("HF_TOKEN", "hf_secret").output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("is not the hub and would be reached over plain http"), "{err}");
+    assert!(cdn.state.lock().unwrap().requests.is_empty(), "the other origin saw no request");
+    let hub_requests = hub.state.lock().unwrap().requests.clone();
+    assert!(!hub_requests.is_empty() && hub_requests.iter().all(|r| r.2), "every request to the hub origin carried the token");
+}
+
+#[test]
+fn a_listing_without_sizes_is_a_clear_error() {
+    let hub = hub();
+    hub.faults().faults.without_size.push("config.json".into());
+    let home = tempfile::tempdir().unwrap();
+    let out = edgechat(home.path(), &hub, &["pull", "gemma-3-270m-it"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("gives no size for \"config.json\""), "{err}");
+    assert!(!err.contains("No such file"), "{err}");
+}
+
+#[test]
+fn a_partial_of_another_version_is_not_resumed_and_ranges_must_match() {
+    let hub = hub();
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join(DIR);
+    std::fs::create_dir_all(&dir).unwrap();
+    // Left by an older version of the file: same name, other hash.
+    let stale = dir.join("model.safetensors.0123456789abcdef.partial");
+    std::fs::write(&stale, vec![7u8; 1000]).unwrap();
+    // The current version's partial, resumed by a server that answers with a range starting at 0.
+    let current = partial_of(&dir);
+    std::fs::write(&current, &fixture("model.safetensors")[..1000]).unwrap();
+    hub.faults().faults.wrong_range.push("model.safetensors".into());
+    let out = edgechat(home.path(), &hub, &["pull", "gemma-3-270m-it"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_pulled(home.path());
+    assert!(!stale.exists(), "a partial of another version is deleted, not resumed");
+    let ranges = hub.state.lock().unwrap().requests.iter().filter(|r| r.0.starts_with("/cdn/") && r.1.is_some()).count();
+    assert!(ranges >= 1, "the current partial was offered for resuming");
+}
+
+#[test]
+fn locks_of_models_with_dotted_names_do_not_collide() {
+    use edgechat::download::ModelLock;
+    let dir = tempfile::tempdir().unwrap();
+    let a = ModelLock::path_for(&dir.path().join("Qwen--Qwen2.5-0.5B"));
+    let b = ModelLock::path_for(&dir.path().join("Qwen--Qwen2.5-1.5B"));
+    assert_ne!(a, b);
+    let _held = ModelLock::acquire(&a).unwrap();
+    ModelLock::acquire(&b).expect("a different model is not blocked");
+    assert!(ModelLock::acquire(&a).is_err(), "the same model is");
 }

@@ -42,7 +42,7 @@ impl Reference {
 
 fn load(adapter: &str, model: &str) -> Model {
     let checkpoint = SafetensorsCheckpoint::open(&common::fixture(&format!("tiny/{model}"))).unwrap();
-    Model::load(&common::load(adapter), OpenCheckpoint { checkpoint: Box::new(checkpoint), precision: Precision::F32 }).unwrap()
+    Model::load(&common::load(adapter), OpenCheckpoint::new(Box::new(checkpoint), Precision::F32)).unwrap()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -114,6 +114,11 @@ fn lfm2_matches_transformers() {
 }
 
 #[test]
+fn lfm2_with_conv_bias_matches_transformers() {
+    check_model("leap", "tiny-lfm2-conv-bias");
+}
+
+#[test]
 fn cache_on_and_off_agree() {
     for (adapter, name) in [("gemma", "tiny-gemma3"), ("leap", "tiny-lfm2")] {
         let reference = Reference::load(name);
@@ -162,7 +167,7 @@ fn every_precision_runs_close_to_f32() {
     let expected = reference.logits("len24");
     for (precision, tolerance) in [(Precision::BF16, 0.25), (Precision::F16, 0.025), (Precision::Q8, 0.7), (Precision::Q4, 4.0)] {
         let checkpoint = SafetensorsCheckpoint::open(&common::fixture("tiny/tiny-gemma3")).unwrap();
-        let mut model = Model::load(&common::load("gemma"), OpenCheckpoint { checkpoint: Box::new(checkpoint), precision }).unwrap();
+        let mut model = Model::load(&common::load("gemma"), OpenCheckpoint::new(Box::new(checkpoint), precision)).unwrap();
         let cache = model.new_cache().unwrap();
         let diff = max_abs_diff(&model.forward(&ids, &cache, true).unwrap(), &expected);
         assert!(diff < tolerance, "{precision:?}: max |logit - f32 reference| = {diff}");

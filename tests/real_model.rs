@@ -24,7 +24,7 @@ fn gemma3_270m_continues_like_transformers() {
         serde_json::from_str(&std::fs::read_to_string(common::fixture("gemma3-270m/reference.json")).unwrap()).unwrap();
     let tokenizer = tokenizers::Tokenizer::from_file(&tokenizer).unwrap();
     let checkpoint = GgufCheckpoint::open(&gguf).unwrap();
-    let mut model = Model::load(&common::load("gemma"), OpenCheckpoint { checkpoint: Box::new(checkpoint), precision: Precision::F32 }).unwrap();
+    let mut model = Model::load(&common::load("gemma"), OpenCheckpoint::new(Box::new(checkpoint), Precision::F32)).unwrap();
     for case in reference["cases"].as_array().unwrap() {
         let ids: Vec<u32> = tokenizer.encode(case["prompt"].as_str().unwrap(), true).unwrap().get_ids().to_vec();
         let want_ids: Vec<u32> = case["input_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();

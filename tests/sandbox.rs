@@ -5,27 +5,34 @@ mod common;
 
 use edgechat::adapter::bindings::exports::edgechat::adapter::prompt::{FormatOptions, Message};
 use edgechat::adapter::{AdapterError, Registry, Session};
-use std::time::{Duration, Instant};
+use edgechat::host::{Deadlines, Limits};
+use std::time::Duration;
 
-const PROMPT_LIMIT: Duration = Duration::from_secs(2);
-
-fn attack(session: &mut Session, attack: &str) -> (Result<String, AdapterError>, Duration) {
+fn attack(session: &mut Session, attack: &str) -> (Result<String, AdapterError>, ()) {
     let messages = [Message { role: "user".into(), content: attack.into() }];
     let options = FormatOptions { add_generation_prompt: false, tokenizer_config: None };
-    let started = Instant::now();
-    let result = session.format(&messages, &options).map(|f| f.text);
-    (result, started.elapsed())
+    (session.format(&messages, &options).map(|f| f.text), ())
+}
+
+/// Limits with short deadlines, so a deadline test ends quickly; which limit fires is what is asserted.
+fn short_deadlines() -> Limits {
+    let quick = Duration::from_millis(1500);
+    Limits { deadlines: Deadlines { quick, catalog: quick, compute: quick }, ..Limits::default() }
 }
 
 fn assert_stopped(attack_name: &str, expected: &str) {
-    let mut session = common::load("hostile").instantiate().unwrap();
-    let (result, took) = attack(&mut session, attack_name);
+    assert_stopped_with(Limits::default(), attack_name, expected)
+}
+
+fn assert_stopped_with(limits: Limits, attack_name: &str, expected: &str) {
+    let adapter = common::host_with(limits).load(&common::component("hostile")).unwrap();
+    let mut session = adapter.instantiate().unwrap();
+    let (result, _) = attack(&mut session, attack_name);
     let err = result.expect_err("the attack must not succeed");
     let message = err.to_string();
     assert!(matches!(err, AdapterError::Trapped { .. }), "{attack_name}: {message}");
     assert!(message.contains("adapter `hostile`"), "error must name the adapter: {message}");
-    assert!(message.contains(expected), "{attack_name}: {message}");
-    assert!(took < PROMPT_LIMIT, "{attack_name} took {took:?}");
+    assert!(message.contains(expected), "{attack_name}: the limit that fired is named: {message}");
     // The same session recovers with a fresh instance...
     let (again, _) = attack(&mut session, "still alive?");
     assert_eq!(again.unwrap(), "still alive?");
@@ -56,6 +63,56 @@ fn a_million_tensor_handles_are_stopped_by_the_handle_cap() {
 #[test]
 fn a_panic_is_reported_as_a_trap() {
     assert_stopped("panic", "trapped");
+}
+
+#[test]
+fn an_endless_loop_over_a_host_call_is_stopped_by_the_deadline() {
+    // Fuel counts guest instructions only: these loops spend their time in the host.
+    assert_stopped_with(short_deadlines(), "eval-loop", "time limit of 1.5 s for prompt.format");
+    assert_stopped_with(short_deadlines(), "net-loop", "time limit of 1.5 s for prompt.format");
+}
+
+#[test]
+fn a_guest_loop_is_stopped_by_the_deadline_before_the_fuel_runs_out() {
+    let limits = Limits { fuel_per_call: u64::MAX, ..short_deadlines() };
+    assert_stopped_with(limits, "spin", "time limit");
+}
+
+#[test]
+fn a_huge_broadcast_is_charged_before_it_is_recorded() {
+    assert_stopped("broadcast", "tensor memory limit");
+}
+
+#[test]
+fn gathers_outside_a_tensor_are_refused() {
+    let mut session = common::load("hostile").instantiate().unwrap();
+    let text = attack(&mut session, "gather").0.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    for line in lines {
+        assert!(line.starts_with("refused: take: index"), "{line}");
+    }
+}
+
+#[test]
+fn absurd_shapes_are_refused_by_every_op() {
+    let mut session = common::load("hostile").instantiate().unwrap();
+    let text = attack(&mut session, "shapes").0.unwrap();
+    let accepted: Vec<&str> = text.lines().filter(|l| !l.starts_with("refused")).collect();
+    assert!(accepted.is_empty(), "accepted: {accepted:#?}");
+    assert!(text.lines().count() >= 25, "{text}");
+    // The adapter is still usable after all of that.
+    assert_eq!(attack(&mut session, "still alive?").0.unwrap(), "still alive?");
+}
+
+#[test]
+fn a_panic_in_the_shell_during_a_call_is_contained() {
+    let mut session = common::load("hostile").instantiate().unwrap();
+    let err = session.call::<()>("prompt.format", |_, _| panic!("a host bug")).unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, AdapterError::Trapped { .. }), "{message}");
+    assert!(message.contains("adapter `hostile`") && message.contains("a host bug"), "{message}");
+    assert_eq!(attack(&mut session, "still alive?").0.unwrap(), "still alive?");
 }
 
 #[test]

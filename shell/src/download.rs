@@ -1,9 +1,12 @@
 //! Downloading a model the way its adapter's manifest says: each file to `<name>.partial`, resumed with
 //! HTTP Range after any interruption, verified (sha256, or size when the source publishes no hash), then
-//! renamed into place, so a final path never holds a partial or corrupt file. Files download in parallel
-//! (bounded); transient failures retry with backoff; one lock per model keeps concurrent pulls apart.
+//! renamed into place, so a final path never holds a partial or corrupt file. A partial carries the
+//! version of the file it belongs to in its name, so it never resumes into a different version; a 206
+//! must say it continues exactly where the partial ends. Files download in parallel (bounded); transient
+//! failures retry with backoff; one lock per model keeps concurrent pulls of that model apart. The files
+//! come from a manifest already validated by [`crate::download_plan`].
 
-use crate::hub::Hub;
+use crate::hub::{Hub, Reach};
 use crate::paths::free_space;
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
@@ -20,9 +23,11 @@ pub struct FileSpec {
     /// Where it ends up.
     pub dest: PathBuf,
     /// Resolved http(s) URL.
-    pub url: String,
+    pub url: url::Url,
     pub size: u64,
     pub sha256: Option<String>,
+    /// Names this version of the file (a hash prefix, or one of revision, URL and size).
+    pub version: String,
 }
 
 /// Progress of one model's download: the UI contract is `fraction()` in 0..=1.
@@ -52,6 +57,8 @@ pub enum DownloadError {
 
 pub struct Downloader<'a> {
     pub hub: &'a Hub,
+    /// Where first requests may go (the adapter's declared hosts) and that redirects may leave them.
+    pub reach: Reach,
     pub client: reqwest::blocking::Client,
     pub parallel: usize,
     /// Attempts per file for transient failures (connection drops, 5xx).
@@ -79,10 +86,44 @@ impl ModelLock {
     }
 }
 
-pub fn partial_path(dest: &Path) -> PathBuf {
-    let mut name = dest.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    dest.with_file_name(name)
+impl ModelLock {
+    /// The lock of the model stored at `dir`: `<dir>.lock` beside it (never `with_extension`, which would
+    /// give `Qwen2.5-0.5B` and `Qwen2.5-1.5B` the same lock).
+    pub fn path_for(dir: &Path) -> PathBuf {
+        let mut name = dir.file_name().unwrap_or_default().to_os_string();
+        name.push(".lock");
+        dir.with_file_name(name)
+    }
+}
+
+/// Where `file` is downloaded before it is verified: `<name>.<version>.partial`.
+pub fn partial_path(file: &FileSpec) -> PathBuf {
+    let mut name = file.dest.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.partial", file.version));
+    file.dest.with_file_name(name)
+}
+
+/// Every partial of `dest`, of any version.
+pub fn partials_of(dest: &Path) -> Vec<PathBuf> {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name().and_then(|n| n.to_str())) else { return vec![] };
+    let Ok(entries) = std::fs::read_dir(dir) else { return vec![] };
+    let prefix = format!("{name}.");
+    entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix(&prefix)).and_then(|rest| rest.strip_suffix(".partial")).is_some_and(|version| {
+                version.len() == 16 && version.bytes().all(|b| b.is_ascii_hexdigit())
+            })
+        })
+        .collect()
+}
+
+/// Whether a 206's Content-Range continues exactly at `offset` and ends the file of `size` bytes.
+fn range_matches(header: Option<&str>, offset: u64, size: u64) -> bool {
+    let Some(range) = header.and_then(|h| h.strip_prefix("bytes ")) else { return false };
+    let Some((span, total)) = range.split_once('/') else { return false };
+    let Some((start, end)) = span.split_once('-') else { return false };
+    start.parse() == Ok(offset) && end.parse() == Ok(size - 1) && (total == "*" || total.parse() == Ok(size))
 }
 
 /// Whether `path` holds exactly this file (size, and sha256 when known).
@@ -130,7 +171,7 @@ impl Downloader<'_> {
                 progress.done.fetch_add(file.size, Ordering::Relaxed);
                 continue;
             }
-            let have = std::fs::metadata(partial_path(&file.dest)).map(|m| m.len().min(file.size)).unwrap_or(0);
+            let have = std::fs::metadata(partial_path(file)).map(|m| m.len().min(file.size)).unwrap_or(0);
             progress.done.fetch_add(have, Ordering::Relaxed);
             needed += file.size - have;
             pending.push(file.clone());
@@ -201,7 +242,7 @@ impl Downloader<'_> {
                 }
             }
             // Complete: verify before the file may take its final name.
-            let partial = partial_path(&file.dest);
+            let partial = partial_path(file);
             let size = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
             let verdict = if size != file.size {
                 Some(format!("{}: downloaded {size} bytes, expected {}", file.dest.display(), file.size))
@@ -233,7 +274,11 @@ impl Downloader<'_> {
     }
 
     fn attempt(&self, file: &FileSpec, progress: &Progress, transferred: &AtomicU64) -> Attempt {
-        let partial = partial_path(&file.dest);
+        let partial = partial_path(file);
+        // Partials of other versions of this file can never be resumed.
+        for stale in partials_of(&file.dest).into_iter().filter(|p| *p != partial) {
+            let _ = std::fs::remove_file(stale);
+        }
         let mut offset = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
         if offset > file.size {
             let _ = std::fs::remove_file(&partial);
@@ -243,17 +288,20 @@ impl Downloader<'_> {
         if offset == file.size {
             return Attempt::Done;
         }
-        let mut request = self.hub.get(&self.client, &file.url);
-        if offset > 0 {
-            request = request.header(reqwest::header::RANGE, format!("bytes={offset}-"));
-        }
-        let response = match request.send() {
+        let range = (offset > 0).then(|| (reqwest::header::RANGE, format!("bytes={offset}-").parse().expect("a valid header value")));
+        let response = match self.hub.send(&self.client, file.url.clone(), range.as_slice(), &self.reach) {
             Ok(r) => r,
-            Err(e) => return Attempt::Transient(format!("GET {}: {e}", file.url)),
+            Err(crate::hub::SendError::Refused(e)) => return Attempt::Fatal(e),
+            Err(crate::hub::SendError::Network(e)) => return Attempt::Transient(e),
         };
         let status = response.status().as_u16();
         let append = match status {
-            206 => true,
+            206 if range_matches(response.headers().get(reqwest::header::CONTENT_RANGE).and_then(|v| v.to_str().ok()), offset, file.size) => true,
+            206 => {
+                let _ = std::fs::remove_file(&partial);
+                progress.done.fetch_sub(offset.min(progress.done.load(Ordering::Relaxed)), Ordering::Relaxed);
+                return Attempt::Transient(format!("{} answered 206 for a range it did not send; starting the file over", file.url));
+            }
             200 => false,
             401 | 403 => {
                 let hint = if self.hub.token.is_some() { "your HF_TOKEN has no access to it" } else { "it is gated or private: set HF_TOKEN" };

@@ -8,6 +8,9 @@ use crate::host::weights::OpenCheckpoint;
 use anyhow::{bail, Context, Result};
 use wasmtime::component::{Resource, ResourceAny};
 
+/// The largest vocabulary a model may report (today's largest are ~262k).
+const MAX_VOCAB: u32 = 4 << 20;
+
 pub struct Model {
     session: Session,
     model: ResourceAny,
@@ -30,9 +33,23 @@ impl Model {
         let mut session = adapter.instantiate()?;
         session.state_mut()?.weights = Some(checkpoint);
         let loaded = session.call("runtime.model.load", |store, b| b.edgechat_adapter_runtime().model().call_load(store));
-        session.state_mut()?.weights = None;
+        let checkpoint = session.state_mut()?.weights.take();
         let model = loaded.with_context(|| format!("adapter `{}` could not load the model", adapter.name()))?;
+        let unused = checkpoint.map(|c| c.unused()).unwrap_or_default();
+        if !unused.is_empty() {
+            let shown: Vec<String> = unused.iter().take(8).map(|n| crate::text::printable(n, 120)).collect();
+            let more = if unused.len() > shown.len() { format!(" and {} more", unused.len() - shown.len()) } else { String::new() };
+            bail!(
+                "adapter `{}` did not use {} tensor(s) of the checkpoint ({}{more}): the model would run without them, so it is refused",
+                adapter.name(),
+                unused.len(),
+                shown.join(", ")
+            );
+        }
         let vocab = session.call("model.vocab-size", |store, b| Ok(Ok(b.edgechat_adapter_runtime().model().call_vocab_size(store, model)?)))?;
+        if vocab == 0 || vocab > MAX_VOCAB {
+            bail!("adapter `{}` reports a vocabulary of {vocab} tokens (1 to {MAX_VOCAB} are possible)", adapter.name());
+        }
         let instance = session.instance();
         Ok(Model { session, model, instance, vocab, graph_build: Default::default() })
     }
@@ -74,16 +91,20 @@ impl Model {
         })?;
         let built = started.elapsed();
         self.graph_build += built;
+        let rows = if all_positions { tokens.len() } else { 1 };
+        let name = self.session.adapter().name().to_owned();
         let state = self.session.state_mut()?;
-        let values = state.array(&logits).map_err(anyhow::Error::from).and_then(|a| state.tensors.backend.read_f32(a).map_err(anyhow::Error::msg));
+        // The shape is checked before anything is evaluated or read: the adapter chose this array.
+        let values = state.array(&logits).map_err(anyhow::Error::from).and_then(|a| {
+            let shape = state.tensors.backend.shape(a);
+            if shape != [rows as i32, self.vocab as i32] {
+                bail!("adapter `{name}` returned logits of shape {shape:?} from forward, expected [{rows}, {}]", self.vocab);
+            }
+            state.tensors.backend.read_f32(a).map_err(anyhow::Error::msg).context("evaluating the model's graph")
+        });
         tracing::debug!(tokens = tokens.len(), "forward: graph built in {built:?}, evaluated in {:?}", started.elapsed() - built);
         crate::adapter::bindings::edgechat::adapter::tensor::HostArray::drop(state, logits)?;
-        let values = values.context("evaluating the model's graph")?;
-        let expected = if all_positions { tokens.len() } else { 1 } * self.vocab as usize;
-        if values.len() != expected {
-            bail!("adapter returned {} logits, expected {expected}", values.len());
-        }
-        Ok(values)
+        values
     }
 
     pub fn cache_length(&mut self, cache: &Cache) -> Result<u32> {

@@ -104,14 +104,14 @@ impl ModelFiles {
             }
             None => {
                 let config_path = dir.join("config.json");
-                let text = std::fs::read_to_string(&config_path).with_context(|| format!("{} has neither a .gguf file nor a readable config.json", dir.display()))?;
+                let text = crate::paths::read_capped(&config_path, crate::paths::MAX_CONFIG_BYTES).with_context(|| format!("{} has neither a .gguf file nor a readable config.json", dir.display()))?;
                 let config: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", config_path.display()))?;
                 let arch = config.get("model_type").and_then(|t| t.as_str()).with_context(|| format!("{} has no model_type", config_path.display()))?;
                 (Weights::Safetensors(dir.clone()), arch.to_owned())
             }
         };
         let tokenizer = Some(dir.join("tokenizer.json")).filter(|p| p.exists());
-        let tokenizer_config = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok();
+        let tokenizer_config = crate::paths::read_capped(&dir.join("tokenizer_config.json"), crate::paths::MAX_JSON_BYTES).ok();
         let manifest = std::fs::read_to_string(dir.join("manifest.json")).ok().and_then(|m| serde_json::from_str(&m).ok());
         Ok(ModelFiles { weights, architecture, tokenizer, tokenizer_config, manifest })
     }
@@ -121,7 +121,7 @@ impl ModelFiles {
             Weights::Gguf(file) => Box::new(GgufCheckpoint::open(file)?),
             Weights::Safetensors(dir) => Box::new(SafetensorsCheckpoint::open(dir)?),
         };
-        Ok(OpenCheckpoint { checkpoint, precision })
+        Ok(OpenCheckpoint::new(checkpoint, precision))
     }
 
     pub fn tokenizer(&self) -> Result<Option<tokenizers::Tokenizer>> {

@@ -68,3 +68,21 @@ pub fn free_space(path: &Path) -> Option<u64> {
     let stat = unsafe { stat.assume_init() };
     Some(stat.f_bavail as u64 * stat.f_frsize as u64)
 }
+
+/// Largest config.json accepted (real ones are a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 4 << 20;
+/// Largest other JSON file read whole (tokenizer_config.json with its chat template, manifest.json).
+pub const MAX_JSON_BYTES: u64 = 32 << 20;
+
+/// Reads a text file whole, refusing one larger than `max` bytes before reading it (model directories
+/// come from the internet).
+pub fn read_capped(path: &Path, max: u64) -> anyhow::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut text = String::new();
+    file.take(max + 1).read_to_string(&mut text).with_context(|| format!("reading {}", path.display()))?;
+    if text.len() as u64 > max {
+        anyhow::bail!("{} is larger than {} MiB; refused", path.display(), max >> 20);
+    }
+    Ok(text)
+}

@@ -25,6 +25,12 @@ pub struct Faults {
     pub gated: HashMap<String, String>,
     /// Sizes the listing claims instead of the real ones.
     pub listed_size: HashMap<String, u64>,
+    /// Files the listing gives no size for.
+    pub without_size: Vec<String>,
+    /// Where `resolve` redirects to instead of this server's own /cdn/ (another origin).
+    pub cdn: Option<String>,
+    /// Files served with a 206 whose Content-Range starts elsewhere than asked.
+    pub wrong_range: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -140,6 +146,9 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
             .map(|f| {
                 let size = st.faults.listed_size.get(&f.name).copied().unwrap_or(f.data.len() as u64);
                 let mut s = serde_json::json!({ "rfilename": f.name, "size": size });
+                if st.faults.without_size.contains(&f.name) {
+                    s.as_object_mut().unwrap().remove("size");
+                }
                 if f.lfs {
                     s["lfs"] = serde_json::json!({ "sha256": sha256(&f.data), "size": size, "pointerSize": 134 });
                 }
@@ -157,7 +166,7 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         let (_revision, name) = rest.split_once('/').unwrap_or((rest, ""));
         let Some(file) = r.files.iter().find(|f| f.name == name) else { return not_found(&mut stream) };
         let headers = vec![
-            ("Location".into(), format!("/cdn/{repo}/{name}")),
+            ("Location".into(), format!("{}/cdn/{repo}/{name}", st.faults.cdn.clone().unwrap_or_default())),
             ("X-Repo-Commit".into(), r.sha.clone()),
             ("X-Linked-Etag".into(), format!("\"{}\"", sha256(&file.data))),
             ("X-Linked-Size".into(), file.data.len().to_string()),
@@ -202,7 +211,8 @@ fn serve(mut stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
         }
         let etag = format!("\"{}\"", sha256(&file.data));
         let (status, mut headers): (&str, Vec<(String, String)>) = if range.is_some() {
-            ("206 Partial Content", vec![("Content-Range".into(), format!("bytes {start}-{}/{total}", total.saturating_sub(1)))])
+            let claimed = if state.lock().unwrap().faults.wrong_range.contains(&key) { 0 } else { start };
+            ("206 Partial Content", vec![("Content-Range".into(), format!("bytes {claimed}-{}/{total}", total.saturating_sub(1)))])
         } else {
             ("200 OK", vec![])
         };

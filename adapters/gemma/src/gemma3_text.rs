@@ -35,6 +35,21 @@ impl Config {
         let c: Value = serde_json::from_str(json).map_err(|e| format!("config is not valid JSON: {e}"))?;
         let c = if format == CheckpointFormat::Gguf { from_gguf(&c)? } else { c };
         let c = c.get("text_config").cloned().unwrap_or(c); // multimodal Gemma 3 configs nest the decoder
+        fn rope_supported(v: &Value) -> bool {
+            matches!(v.get("rope_type").and_then(Value::as_str), None | Some("default" | "linear"))
+        }
+        nn::refuse_unimplemented(
+            &c,
+            &[
+                ("tie_word_embeddings", |v| v.as_bool() == Some(true)),
+                ("attn_logit_softcapping", |_| false),
+                ("use_bidirectional_attention", |v| v.as_bool() == Some(false)),
+                ("hidden_activation", |v| v.as_str() == Some("gelu_pytorch_tanh")),
+                ("rope_scaling", rope_supported),
+                ("rope_parameters.full_attention", rope_supported),
+                ("rope_parameters.sliding_attention", |v| matches!(v.get("rope_type").and_then(Value::as_str), None | Some("default"))),
+            ],
+        )?;
         let hidden = config_u32(&c, &["hidden_size"])?;
         let layers = config_u32(&c, &["num_hidden_layers"])?;
         let heads = config_u32(&c, &["num_attention_heads"])?;

@@ -69,15 +69,15 @@ pub fn listing(repo: &str, revision: &str) -> Result<Listing, String> {
         s => return Err(format!("the hub answered {s} for {repo}@{revision}")),
     }
     let info: Info = serde_json::from_slice(&response.body).map_err(|e| format!("the hub's listing of {repo} is malformed: {e}"))?;
+    // A file without a size cannot be verified or resumed: refuse the listing rather than guess.
     let files = info
         .siblings
         .into_iter()
-        .map(|s| RepoFile {
-            size: s.lfs.as_ref().map(|l| l.size).or(s.size).unwrap_or(0),
-            sha256: s.lfs.map(|l| l.sha256.to_ascii_lowercase()),
-            path: s.rfilename,
+        .map(|s| {
+            let size = s.lfs.as_ref().map(|l| l.size).or(s.size).ok_or_else(|| format!("the hub's listing of {repo} gives no size for {:?}", s.rfilename))?;
+            Ok(RepoFile { size, sha256: s.lfs.map(|l| l.sha256.to_ascii_lowercase()), path: s.rfilename })
         })
-        .collect();
+        .collect::<Result<_, String>>()?;
     Ok(Listing { sha: info.sha, files })
 }
 

@@ -20,8 +20,13 @@ pub fn load_dense(name: &str) -> R<Array> {
     }
 }
 
-/// y = x W^T.
-pub enum Linear {
+/// y = x W^T (+ b).
+pub struct Linear {
+    weight: LinearWeight,
+    bias: Option<Array>,
+}
+
+enum LinearWeight {
     /// Holds W^T (a lazy transposed view: no copy).
     Dense(Array),
     Quantized(QuantizedEntry),
@@ -29,16 +34,26 @@ pub enum Linear {
 
 impl Linear {
     pub fn load(name: &str) -> R<Self> {
-        Ok(match load(name)? {
-            Entry::Dense(w) => Linear::Dense(tensor::transpose(&w, &[1, 0])?),
-            Entry::Quantized(q) => Linear::Quantized(q),
-        })
+        let weight = match load(name)? {
+            Entry::Dense(w) => LinearWeight::Dense(tensor::transpose(&w, &[1, 0])?),
+            Entry::Quantized(q) => LinearWeight::Quantized(q),
+        };
+        Ok(Linear { weight, bias: None })
+    }
+
+    /// A linear layer with a bias vector stored under `bias`.
+    pub fn load_biased(name: &str, bias: &str) -> R<Self> {
+        Ok(Linear { bias: Some(load_dense(bias)?), ..Linear::load(name)? })
     }
 
     pub fn forward(&self, x: &Array) -> R<Array> {
-        match self {
-            Linear::Dense(wt) => tensor::matmul(x, wt),
-            Linear::Quantized(q) => tensor::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits),
+        let y = match &self.weight {
+            LinearWeight::Dense(wt) => tensor::matmul(x, wt)?,
+            LinearWeight::Quantized(q) => tensor::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits)?,
+        };
+        match &self.bias {
+            Some(b) => tensor::add(&y, b),
+            None => Ok(y),
         }
     }
 }
@@ -268,6 +283,19 @@ pub fn finish_logits(logits: &Array) -> R<Array> {
 /// Reads a config value: the first of `keys` present (dotted paths into nested objects).
 pub fn config_value<'a>(config: &'a serde_json::Value, keys: &[&str]) -> Option<&'a serde_json::Value> {
     keys.iter().find_map(|key| key.split('.').try_fold(config, |v, part| v.get(part)).filter(|v| !v.is_null()))
+}
+
+/// Refuses a config that sets a flag the graph does not implement: each `(key, accepted)` names a config
+/// key and the values the graph handles (an absent or null key is always accepted).
+pub fn refuse_unimplemented(config: &serde_json::Value, flags: &[(&str, fn(&serde_json::Value) -> bool)]) -> R<()> {
+    for (key, accepted) in flags {
+        if let Some(value) = config_value(config, &[key]) {
+            if !accepted(value) {
+                return Err(format!("config sets {key} = {value}, which this adapter does not implement"));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn config_u32(config: &serde_json::Value, keys: &[&str]) -> R<u32> {

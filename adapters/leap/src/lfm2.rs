@@ -22,6 +22,8 @@ pub struct Config {
     /// Per layer: attention (true) or short convolution (false).
     pub attention: Vec<bool>,
     pub rope_base: f32,
+    /// Biases on the short convolution's in_proj, depthwise conv and out_proj (transformers' `conv_bias`).
+    pub conv_bias: bool,
 }
 
 impl Config {
@@ -42,6 +44,16 @@ impl Config {
         if attention.len() != layers as usize {
             return Err(format!("layer_types lists {} layers, num_hidden_layers is {layers}", attention.len()));
         }
+        nn::refuse_unimplemented(
+            &c,
+            &[
+                ("tie_word_embeddings", |v| v.as_bool() == Some(true)),
+                ("block_use_swiglu", |v| v.as_bool() == Some(true)),
+                ("use_pos_enc", |v| v.as_bool() == Some(true)),
+                ("rope_scaling", |v| v.get("rope_type").and_then(Value::as_str) == Some("default")),
+                ("rope_parameters.rope_type", |v| v.as_str() == Some("default")),
+            ],
+        )?;
         Ok(Config {
             hidden,
             layers,
@@ -53,6 +65,7 @@ impl Config {
             conv_kernel: config_u32(&c, &["conv_L_cache"]).unwrap_or(3),
             attention,
             rope_base: config_f32(&c, &["rope_parameters.rope_theta", "rope_theta"]).unwrap_or(1_000_000.0),
+            conv_bias: config_value(&c, &["conv_bias"]).and_then(Value::as_bool).unwrap_or(false),
         })
     }
 }
@@ -96,8 +109,16 @@ impl Names {
     }
 
     fn layer(&self, i: u32, hf: &str) -> String {
+        self.layer_tensor(i, hf, "weight")
+    }
+
+    fn layer_bias(&self, i: u32, hf: &str) -> String {
+        self.layer_tensor(i, hf, "bias")
+    }
+
+    fn layer_tensor(&self, i: u32, hf: &str, kind: &str) -> String {
         if !self.gguf {
-            return format!("model.layers.{i}.{hf}.weight");
+            return format!("model.layers.{i}.{hf}.{kind}");
         }
         let gguf = match hf {
             "operator_norm" => "attn_norm",
@@ -116,12 +137,12 @@ impl Names {
             "self_attn.k_layernorm" => "attn_k_norm",
             other => other,
         };
-        format!("blk.{i}.{gguf}.weight")
+        format!("blk.{i}.{gguf}.{kind}")
     }
 }
 
 enum Operator {
-    Conv { in_proj: Linear, out_proj: Linear, kernel: Array },
+    Conv { in_proj: Linear, out_proj: Linear, kernel: Array, bias: Option<Array> },
     Attention { q: Linear, k: Linear, v: Linear, out: Linear, q_norm: Array, k_norm: Array },
 }
 
@@ -189,7 +210,13 @@ impl Lfm2 {
                 } else {
                     // HF stores the depthwise kernel as [hidden, 1, k]; llama.cpp as [hidden, k].
                     let kernel = tensor::reshape(&dense("conv.conv")?, &[config.hidden as i32, config.conv_kernel as i32])?;
-                    Operator::Conv { in_proj: linear("conv.in_proj")?, out_proj: linear("conv.out_proj")?, kernel }
+                    if config.conv_bias {
+                        let biased = |part: &str| Linear::load_biased(&names.layer(i, part), &names.layer_bias(i, part));
+                        let bias = Some(nn::load_dense(&names.layer_bias(i, "conv.conv"))?);
+                        Operator::Conv { in_proj: biased("conv.in_proj")?, out_proj: biased("conv.out_proj")?, kernel, bias }
+                    } else {
+                        Operator::Conv { in_proj: linear("conv.in_proj")?, out_proj: linear("conv.out_proj")?, kernel, bias: None }
+                    }
                 };
                 Ok(Layer {
                     operator_norm: dense("operator_norm")?,
@@ -223,8 +250,8 @@ impl Lfm2 {
         for (layer, state) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let x = tensor::rms_norm(&h, &layer.operator_norm, c.eps)?;
             let y = match (&layer.operator, state) {
-                (Operator::Conv { in_proj, out_proj, kernel }, LayerCache::Conv(history)) => {
-                    self.short_conv(&x, in_proj, out_proj, kernel, history, tokens.len() as u32)?
+                (Operator::Conv { in_proj, out_proj, kernel, bias }, LayerCache::Conv(history)) => {
+                    self.short_conv(&x, in_proj, out_proj, (kernel, bias.as_ref()), history, tokens.len() as u32)?
                 }
                 (Operator::Attention { q, k, v, out, q_norm, k_norm }, LayerCache::Attention(kv)) => {
                     let q = tensor::rms_norm(&nn::split_heads(&q.forward(&x)?, c.heads, c.head_dim)?, q_norm, c.eps)?;
@@ -248,8 +275,9 @@ impl Lfm2 {
         nn::finish_logits(&self.embed.as_linear(&h)?)
     }
 
-    /// Gated depthwise causal convolution: B, C, x = in_proj(h); y = C * conv(B * x); out_proj(y).
-    fn short_conv(&self, h: &Array, in_proj: &Linear, out_proj: &Linear, kernel: &Array, history: &mut History, t: u32) -> R<Array> {
+    /// Gated depthwise causal convolution: B, C, x = in_proj(h); y = C * (conv(B * x) + bias); out_proj(y).
+    fn short_conv(&self, h: &Array, in_proj: &Linear, out_proj: &Linear, conv: (&Array, Option<&Array>), history: &mut History, t: u32) -> R<Array> {
+        let (kernel, bias) = conv;
         let hidden = self.config.hidden;
         let bcx = in_proj.forward(h)?;
         let part = |i: u32| nn::slice_axis(&bcx, 2, i * hidden, (i + 1) * hidden);
@@ -265,7 +293,10 @@ impl Lfm2 {
             let zeros = Array::from_f32(&vec![0.0; ((t + context - held) * hidden) as usize], &[1, t + context - held, hidden])?;
             tensor::concatenate(&[&tensor::astype(&zeros, all.dtype())?, all], 1)?
         };
-        let conv = tensor::conv1d_depthwise(&input, kernel)?;
+        let mut conv = tensor::conv1d_depthwise(&input, kernel)?;
+        if let Some(bias) = bias {
+            conv = tensor::add(&conv, bias)?;
+        }
         history.compact()?;
         out_proj.forward(&tensor::multiply(&gate, &conv)?)
     }

@@ -2,9 +2,10 @@
 //!
 //! A component is accepted only if it imports nothing but our own interfaces (no WASI: no files, clock,
 //! sockets or environment) at a contract version this shell knows, and exports the whole adapter world.
-//! Every call runs with a fuel budget, a memory cap and caps on tensor handles; a call that traps
-//! discards the instance (its state may be corrupt) and is reported as an error naming the adapter. The
-//! next call gets a fresh instance, so the shell keeps working.
+//! Every call runs with a fuel budget, a wall-clock deadline (epoch interruption, host time included), a
+//! memory cap and caps on tensor handles; a call that traps — or that makes the shell itself panic in a
+//! host call — discards the instance (its state may be corrupt) and is reported as an error naming the
+//! adapter. The next call gets a fresh instance, so the shell keeps working.
 
 pub mod bindings;
 mod registry;
@@ -16,7 +17,8 @@ use anyhow::{bail, Context, Result};
 use bindings::exports::edgechat::adapter::{catalog, prompt};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, Store};
@@ -78,11 +80,35 @@ pub enum AdapterError {
     Trapped { adapter: String, call: String, reason: String },
 }
 
+/// How often the epoch advances: the granularity of call deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// The process's one wasmtime engine, and the thread that advances its epoch for deadlines.
+fn shared_engine() -> Result<Engine> {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    if let Some(engine) = ENGINE.get() {
+        return Ok(engine.clone());
+    }
+    let mut config = Config::new();
+    config.wasm_component_model(true).consume_fuel(true).epoch_interruption(true);
+    let engine = Engine::new(&config)?;
+    let engine = ENGINE.get_or_init(|| {
+        let ticking = engine.clone();
+        std::thread::Builder::new()
+            .name("adapter-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(EPOCH_TICK);
+                ticking.increment_epoch();
+            })
+            .expect("spawning the epoch thread");
+        engine
+    });
+    Ok(engine.clone())
+}
+
 impl AdapterHost {
     pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<Self> {
-        let mut config = Config::new();
-        config.wasm_component_model(true).consume_fuel(true);
-        let engine = Engine::new(&config)?;
+        let engine = shared_engine()?;
         let mut linker = Linker::new(&engine);
         bindings::Adapter::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)?;
         Ok(AdapterHost { engine, linker: Arc::new(linker), limits, cache_dir })
@@ -191,10 +217,11 @@ impl Session {
         if self.live.is_none() {
             let host = &self.adapter.host;
             let mut state = HostState::new(&self.adapter.info.name, &host.limits);
-            state.net = crate::host::net::NetPolicy::new(&self.adapter.info.allowed_hosts, crate::hub::Hub::from_env());
+            state.net = crate::host::net::NetPolicy::new(&self.adapter.info.name, &self.adapter.info.allowed_hosts);
             let mut store = Store::new(&host.engine, state);
             store.limiter(|s| &mut s.limits);
             store.set_fuel(host.limits.fuel_per_call)?;
+            store.set_epoch_deadline(epoch_ticks(host.limits.deadlines.quick));
             let bindings = bindings::Adapter::instantiate(&mut store, &self.adapter.component, &host.linker)
                 .map_err(anyhow::Error::from)
                 .with_context(|| format!("instantiating adapter {}", self.adapter.path.display()))?;
@@ -225,14 +252,26 @@ impl Session {
         let adapter = self.adapter.info.name.clone();
         let trapped = |reason: String| AdapterError::Trapped { adapter: adapter.clone(), call: call.to_owned(), reason };
         self.ensure_live().map_err(|e| trapped(format!("{e:#}")))?;
+        let limits = &self.adapter.host.limits;
+        let allowed = limits.deadlines.for_call(call);
         let (store, bindings) = self.live.as_mut().expect("instance is live");
-        let outcome = store.set_fuel(self.adapter.host.limits.fuel_per_call).and_then(|_| f(store, bindings));
+        store.data_mut().deadline = Some(Instant::now() + allowed);
+        store.set_epoch_deadline(epoch_ticks(allowed));
+        // A panic in a host call (a shell bug, or one deep in a dependency) unwinds out of wasmtime to
+        // here: it is this adapter call's failure, not the process's.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| store.set_fuel(limits.fuel_per_call).and_then(|_| f(store, bindings))));
+        store.data_mut().deadline = None;
         match outcome {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(message)) => Err(AdapterError::Refused(message)),
-            Err(trap) => {
+            Ok(Ok(Ok(value))) => Ok(value),
+            Ok(Ok(Err(message))) => Err(AdapterError::Refused(crate::text::printable(&message, 2000))),
+            Ok(Err(trap)) => {
                 self.live = None;
-                Err(trapped(describe_trap(&trap, &self.adapter.host.limits)))
+                Err(trapped(describe_trap(&trap, limits, call)))
+            }
+            Err(panic) => {
+                self.live = None;
+                let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("");
+                Err(trapped(format!("the shell failed while serving it (an edgechat bug, contained): {what}")))
             }
         }
     }
@@ -272,9 +311,23 @@ impl Session {
     }
 }
 
+fn epoch_ticks(limit: Duration) -> u64 {
+    (limit.as_millis() / EPOCH_TICK.as_millis()) as u64 + 1
+}
+
 /// Turns a wasmtime trap into a sentence a user can act on.
-fn describe_trap(error: &wasmtime::Error, limits: &Limits) -> String {
+fn describe_trap(error: &wasmtime::Error, limits: &Limits, call: &str) -> String {
+    let time_limit = || {
+        format!(
+            "it ran past its time limit of {:.1} s for {call} (set EDGECHAT_DEADLINE_SCALE to allow more on a slow machine)",
+            limits.deadlines.for_call(call).as_secs_f64()
+        )
+    };
+    if error.downcast_ref::<crate::host::DeadlinePassed>().is_some() {
+        return time_limit();
+    }
     match error.downcast_ref::<wasmtime::Trap>() {
+        Some(wasmtime::Trap::Interrupt) => time_limit(),
         Some(wasmtime::Trap::OutOfFuel) => {
             format!("it ran past its compute budget of {} instructions per call (an endless loop?)", limits.fuel_per_call)
         }
@@ -282,7 +335,7 @@ fn describe_trap(error: &wasmtime::Error, limits: &Limits) -> String {
         Some(trap) => format!("it trapped: {trap}"),
         None => {
             let text = format!("{error:#}");
-            if text.contains("forcing trap when growing memory") || text.contains("memory") && text.contains("limit") {
+            if text.contains("forcing trap when growing memory") {
                 format!("it tried to use more than its memory limit of {} MiB", limits.memory_bytes >> 20)
             } else {
                 text

@@ -217,7 +217,7 @@ pub fn read_messages(text: &str) -> Result<Vec<prompt::Message>> {
 pub fn resolve_for_prompt<'a>(shell: &'a Shell, model: &str) -> Result<(&'a Adapter, Option<String>)> {
     let dir = Path::new(model);
     if dir.is_dir() {
-        let config = std::fs::read_to_string(dir.join("config.json")).with_context(|| format!("{} has no readable config.json", dir.display()))?;
+        let config = crate::paths::read_capped(&dir.join("config.json"), crate::paths::MAX_CONFIG_BYTES).with_context(|| format!("{} has no readable config.json", dir.display()))?;
         let config: serde_json::Value = serde_json::from_str(&config).with_context(|| format!("{}/config.json is not valid JSON", dir.display()))?;
         let model_type = config.get("model_type").and_then(|t| t.as_str()).with_context(|| format!("{}/config.json has no model_type", dir.display()))?;
         let adapter = shell.registry.for_architecture(model_type)?;

@@ -1,11 +1,10 @@
 //! `edgechat pull` and `edgechat rm`: fetch a model the way its adapter's manifest says, remove one.
 
 use super::{human_bytes, Shell};
-use crate::adapter::bindings::exports::edgechat::adapter::catalog::Layout;
 use crate::catalog::Source;
 use crate::db::Db;
-use crate::download::{partial_path, DownloadError, Downloader, FileSpec, ModelLock, Progress};
-use crate::hub::Hub;
+use crate::download::{partials_of, DownloadError, Downloader, FileSpec, ModelLock, Progress};
+use crate::hub::{Hub, Reach};
 use crate::models::{self, FileRecord, Manifest, ModelFiles};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -25,8 +24,11 @@ pub struct Target {
 pub fn parse_target(shell: &Shell, name: &str) -> Result<Target> {
     if let Some(reference) = name.strip_prefix("hub:") {
         let (repo, revision) = reference.split_once('@').unwrap_or((reference, "main"));
-        if repo.split('/').count() != 2 || repo.split('/').any(str::is_empty) || revision.is_empty() {
-            bail!("`{name}` is not a hub reference: use hub:ORG/NAME or hub:ORG/NAME@REVISION");
+        let part_ok = |p: &str| !p.is_empty() && p != "." && p != ".." && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        let repo_ok = repo.split_once('/').is_some_and(|(org, model)| part_ok(org) && part_ok(model));
+        let revision_ok = !revision.is_empty() && revision.len() <= 256 && !revision.chars().any(|c| c.is_control() || c.is_whitespace());
+        if !repo_ok || !revision_ok {
+            bail!("`{}` is not a hub reference: use hub:ORG/NAME or hub:ORG/NAME@REVISION", crate::text::printable(name, 200));
         }
         return Ok(Target { id: name.to_owned(), source: Source::Hub { repo: repo.into(), revision: revision.into() }, adapter: None });
     }
@@ -39,15 +41,16 @@ pub fn parse_target(shell: &Shell, name: &str) -> Result<Target> {
 
 /// For a hub reference: the adapter that runs the repo's `model_type`.
 fn adapter_for_hub_repo(shell: &Shell, hub: &Hub, repo: &str, revision: &str) -> Result<String> {
-    let url = hub.resolve(&format!("hub:/{repo}/resolve/{revision}/config.json"));
-    let response = hub.get(&hub.client()?, &url).send().with_context(|| format!("fetching {url}"))?;
+    let url = hub.resolve(&format!("hub:/{repo}/resolve/{revision}/config.json")).map_err(anyhow::Error::msg)?;
+    let response = hub.send(&hub.client(Some(Duration::from_secs(60)))?, url.clone(), &[], &Reach::default()).map_err(anyhow::Error::msg)?;
     match response.status().as_u16() {
         200 => {}
         401 | 403 => bail!("{repo} is gated or private: accept its license on the hub and set HF_TOKEN"),
         404 => bail!("the hub has no {repo}@{revision} (or it has no config.json)"),
         s => bail!("the hub answered {s} for {url}"),
     }
-    let body = response.bytes().with_context(|| format!("fetching {url}"))?;
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(response, crate::host::net::MAX_BODY), &mut body).with_context(|| format!("fetching {url}"))?;
     let config: serde_json::Value = serde_json::from_slice(&body).with_context(|| format!("{repo}'s config.json is not valid JSON"))?;
     let model_type = config.get("model_type").and_then(|t| t.as_str()).with_context(|| format!("{repo}'s config.json has no model_type"))?;
     Ok(shell.registry.for_architecture(model_type)?.name().to_owned())
@@ -56,7 +59,7 @@ fn adapter_for_hub_repo(shell: &Shell, hub: &Hub, repo: &str, revision: &str) ->
 pub fn pull(name: &str, json: bool) -> Result<()> {
     let shell = Shell::open()?;
     let target = parse_target(&shell, name)?;
-    let hub = Hub::from_env();
+    let hub = Hub::from_env()?;
     let adapter_name = match (&target.adapter, &target.source) {
         (Some(a), _) => a.clone(),
         (None, Source::Hub { repo, revision }) => adapter_for_hub_repo(&shell, &hub, repo, revision)?,
@@ -65,26 +68,16 @@ pub fn pull(name: &str, json: bool) -> Result<()> {
     let adapter = shell.registry.get(&adapter_name)?;
     let manifest = adapter.instantiate()?.manifest(&target.source.to_wit()).with_context(|| format!("resolving {name}"))?;
     let dir = shell.model_dir(&target.source);
-    if manifest.layout == Layout::Bundle && manifest.files.len() != 1 {
-        bail!("adapter `{adapter_name}` described a bundle of {} files", manifest.files.len());
-    }
-    let files: Vec<FileSpec> = manifest
-        .files
-        .iter()
-        .map(|f| {
-            let relative = Path::new(&f.path);
-            if relative.is_absolute() || relative.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
-                bail!("adapter `{adapter_name}` named an unsafe file path {:?}", f.path);
-            }
-            Ok(FileSpec { dest: dir.join(relative), url: hub.resolve(&f.url), size: f.size, sha256: f.sha256.clone() })
-        })
-        .collect::<Result<_>>()?;
+    let mut reach = Reach::declared(&adapter_name, &adapter.info.allowed_hosts);
+    let files = crate::download_plan::plan(&adapter_name, &manifest, &dir, &hub, &reach).map_err(anyhow::Error::msg)?;
+    // The first request of each file was checked above; its redirects may go to the hub's CDN.
+    reach.redirects_anywhere = true;
 
-    let _lock = ModelLock::acquire(&dir.with_extension("lock"))?;
+    let _lock = ModelLock::acquire(&ModelLock::path_for(&dir))?;
     let db = Db::open(&shell.paths.database())?;
     let record = db.start_download(name, &target.source.to_string(), Some(&manifest.revision))?;
     let _ = ctrlc::set_handler(|| CANCEL.store(true, Ordering::SeqCst));
-    let downloader = Downloader { hub: &hub, client: hub.client()?, parallel: 3, attempts: 5, backoff: Duration::from_millis(500), cancel: &CANCEL };
+    let downloader = Downloader { hub: &hub, reach, client: hub.client(None)?, parallel: 3, attempts: 5, backoff: Duration::from_millis(500), cancel: &CANCEL };
     let progress = Progress::default();
     let finished = AtomicBool::new(false);
     let result = std::thread::scope(|scope| {
@@ -107,7 +100,7 @@ pub fn pull(name: &str, json: bool) -> Result<()> {
             if json {
                 println!("{}", serde_json::json!({ "event": "done", "model": name, "bytes": bytes, "revision": record.revision, "dir": dir }));
             } else {
-                println!("pulled {name} ({}, revision {}) into {}", human_bytes(bytes), manifest.revision, dir.display());
+                println!("pulled {name} ({}, revision {}) into {}", human_bytes(bytes), crate::text::printable(&manifest.revision, 80), dir.display());
             }
         }
         Err(DownloadError::Cancelled) => bail!("{name}: download cancelled; partial files are kept and `edgechat pull {name}` resumes"),
@@ -207,14 +200,14 @@ pub fn rm(name: &str) -> Result<()> {
     let manifest_path = dir.join("manifest.json");
     let text = std::fs::read_to_string(&manifest_path).with_context(|| format!("{name} is not downloaded (no {})", manifest_path.display()))?;
     let manifest: Manifest = serde_json::from_str(&text).with_context(|| format!("{} is malformed", manifest_path.display()))?;
-    let _lock = ModelLock::acquire(&dir.with_extension("lock"))?;
+    let _lock = ModelLock::acquire(&ModelLock::path_for(&dir))?;
     let mut freed = 0;
     for file in &manifest.files {
         let path = dir.join(&file.path);
         if !path.starts_with(&dir) || file.path.contains("..") {
             bail!("{} lists a path outside the model: {}", manifest_path.display(), file.path);
         }
-        for p in [partial_path(&path), path] {
+        for p in partials_of(&path).into_iter().chain([path]) {
             if let Ok(meta) = std::fs::metadata(&p) {
                 std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
                 freed += meta.len();
@@ -223,7 +216,7 @@ pub fn rm(name: &str) -> Result<()> {
     }
     std::fs::remove_file(&manifest_path)?;
     let _ = std::fs::remove_dir(&dir); // only if now empty; never a parent
-    let _ = std::fs::remove_file(dir.with_extension("lock"));
+    let _ = std::fs::remove_file(ModelLock::path_for(&dir));
     println!("removed {name} ({} freed)", human_bytes(freed));
     Ok(())
 }

@@ -229,6 +229,16 @@ impl Backend for MlxBackend {
         mlx_rs::transforms::eval(arrays.iter().copied()).map_err(err)
     }
 
+    fn int_range(&self, a: &Array) -> OpResult<Option<(i64, i64)>> {
+        if a.size() == 0 {
+            return Ok(None);
+        }
+        let wide = a.as_dtype(Dtype::Int64).map_err(err)?;
+        let (low, high) = (ops::min(&wide, None).map_err(err)?, ops::max(&wide, None).map_err(err)?);
+        mlx_rs::transforms::eval([&low, &high]).map_err(err)?;
+        Ok(Some((low.try_item_exact::<i64>().map_err(err)?, high.try_item_exact::<i64>().map_err(err)?)))
+    }
+
     fn read_f32(&self, a: &Array) -> OpResult<Vec<f32>> {
         let a = if a.dtype() == Dtype::Float32 { a.clone() } else { a.as_dtype(Dtype::Float32).map_err(err)? };
         a.eval().map_err(err)?;

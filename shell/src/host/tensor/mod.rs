@@ -1,9 +1,12 @@
 //! The `tensor` import: lazy array operations the adapters call to build model graphs.
 //!
 //! Everything backend-specific sits behind [`Backend`]; [`mlx`] is the one backend today. This module
-//! owns what the sandbox needs regardless of backend: handles in the store's `ResourceTable`, and caps
-//! on live handles and their bytes, so an adapter cannot exhaust the host through tensors.
+//! owns what the sandbox needs regardless of backend: handles in the store's `ResourceTable`, caps on
+//! live handles and their bytes, and [`checks`]: every op's shapes are validated and its result (and
+//! largest intermediate) charged to the byte cap before the backend records it; gather indices are
+//! checked against the axis they index, since MLX's CPU gather does not bounds-check.
 
+pub mod checks;
 pub mod mlx;
 
 use crate::adapter::bindings::edgechat::adapter::tensor as wit;
@@ -96,6 +99,8 @@ pub trait Backend {
     fn conv1d_depthwise(&self, x: &Self::Array, weight: &Self::Array) -> OpResult<Self::Array>;
     fn eval(&self, arrays: &[&Self::Array]) -> OpResult<()>;
     fn read_f32(&self, a: &Self::Array) -> OpResult<Vec<f32>>;
+    /// The smallest and largest value of an integer array (evaluating it); None when it is empty.
+    fn int_range(&self, a: &Self::Array) -> OpResult<Option<(i64, i64)>>;
 }
 
 /// Largest read-back: results, not weights, cross the boundary.
@@ -120,10 +125,6 @@ impl Tensors {
     pub fn new(max_handles: usize, max_bytes: u64) -> Self {
         Tensors { backend: ActiveBackend::default(), live_handles: 0, live_bytes: 0, max_handles, max_bytes }
     }
-}
-
-fn shape_u32_to_i32(shape: &[u32]) -> OpResult<Vec<i32>> {
-    shape.iter().map(|&d| i32::try_from(d).map_err(|_| format!("dimension {d} is too large"))).collect()
 }
 
 fn to_dtype(d: wit::Dtype) -> DType {
@@ -151,79 +152,122 @@ fn from_dtype(d: DType) -> wit::Dtype {
 pub(crate) type Handle = Resource<TensorHandle>;
 type Outcome<T> = wasmtime::Result<Result<T, String>>;
 
+/// Unwraps a shape check; a refusal becomes the op's error value (the adapter sees it, the call goes on).
+macro_rules! check {
+    ($e:expr) => {
+        match $e {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e)),
+        }
+    };
+}
+
 impl HostState {
     pub(crate) fn array(&self, h: &Handle) -> wasmtime::Result<&BackendArray> {
         Ok(&self.table.get(h)?.array)
     }
 
-    /// Registers a new array, enforcing the caps. Exceeding one traps: the adapter is misbehaving or
-    /// leaking, and stopping the call is the only safe answer.
-    pub(crate) fn adopt(&mut self, result: OpResult<BackendArray>) -> Outcome<Handle> {
-        let array = match result {
-            Ok(a) => a,
-            Err(e) => return Ok(Err(e)),
-        };
-        let t = &mut self.tensors;
-        let shape = t.backend.shape(&array);
-        let elements: u64 = shape.iter().map(|&d| d.max(0) as u64).product();
-        let bytes = elements * t.backend.dtype(&array).size() as u64;
-        if t.live_handles >= t.max_handles {
-            wasmtime::bail!("adapter exceeded the limit of {} live tensor handles", t.max_handles);
-        }
-        if t.live_bytes + bytes > t.max_bytes {
+    fn shape_of(&self, h: &Handle) -> wasmtime::Result<Vec<i32>> {
+        Ok(self.tensors.backend.shape(self.array(h)?))
+    }
+
+    fn dtype_of(&self, h: &Handle) -> wasmtime::Result<DType> {
+        Ok(self.tensors.backend.dtype(self.array(h)?))
+    }
+
+    /// Charges `bytes` (an op's result or intermediate) against the byte cap before the op is recorded.
+    /// Exceeding a cap traps: the adapter is misbehaving or leaking, and stopping the call is the only
+    /// safe answer.
+    fn charge(&self, op: &str, bytes: u64) -> wasmtime::Result<()> {
+        self.check_deadline()?;
+        let t = &self.tensors;
+        if t.live_bytes.saturating_add(bytes) > t.max_bytes {
             wasmtime::bail!(
-                "adapter exceeded the tensor memory limit ({} MiB live, {} MiB more requested, limit {} MiB)",
+                "adapter exceeded the tensor memory limit in {op} ({} MiB live, {} MiB more requested, limit {} MiB)",
                 t.live_bytes >> 20,
                 bytes >> 20,
                 t.max_bytes >> 20
             );
         }
+        Ok(())
+    }
+
+    /// Charges an op whose result has `shape` and elements of `dtype`.
+    fn charge_shape(&self, op: &str, shape: &[i32], dtype: DType) -> Outcome<()> {
+        let bytes = check!(checks::bytes(shape, dtype).map_err(|e| format!("{op}: {e}")));
+        self.charge(op, bytes)?;
+        Ok(Ok(()))
+    }
+
+    /// Registers a new array, enforcing the caps (in checked arithmetic, on the shape the backend reports).
+    pub(crate) fn adopt(&mut self, result: OpResult<BackendArray>) -> Outcome<Handle> {
+        let array = check!(result);
+        let t = &mut self.tensors;
+        let bytes = match checks::bytes(&t.backend.shape(&array), t.backend.dtype(&array)) {
+            Ok(b) => b,
+            Err(e) => wasmtime::bail!("adapter produced an array the host cannot hold: {e}"),
+        };
+        if t.live_handles >= t.max_handles {
+            wasmtime::bail!("adapter exceeded the limit of {} live tensor handles", t.max_handles);
+        }
+        self.charge("a new array", bytes)?;
+        let t = &mut self.tensors;
         t.live_handles += 1;
         t.live_bytes += bytes;
         Ok(Ok(self.table.push(TensorHandle { array, bytes })?))
     }
 
-    fn unary(&mut self, a: Handle, op: impl FnOnce(&ActiveBackend, &BackendArray) -> OpResult<BackendArray>) -> Outcome<Handle> {
-        let result = op(&self.tensors.backend, self.array(&a)?);
+    /// An op whose result has the shape and dtype of its input.
+    fn unary(&mut self, op: &str, a: Handle, f: impl FnOnce(&ActiveBackend, &BackendArray) -> OpResult<BackendArray>) -> Outcome<Handle> {
+        check!(self.charge_shape(op, &self.shape_of(&a)?, self.dtype_of(&a)?)?);
+        let result = f(&self.tensors.backend, self.array(&a)?);
         self.adopt(result)
     }
 
-    fn binary(
+    /// An elementwise op with numpy broadcasting.
+    fn broadcasting(
         &mut self,
+        op: &str,
         a: Handle,
         b: Handle,
-        op: impl FnOnce(&ActiveBackend, &BackendArray, &BackendArray) -> OpResult<BackendArray>,
+        f: impl FnOnce(&ActiveBackend, &BackendArray, &BackendArray) -> OpResult<BackendArray>,
     ) -> Outcome<Handle> {
-        let result = op(&self.tensors.backend, self.array(&a)?, self.array(&b)?);
+        let shape = check!(checks::broadcast(op, &self.shape_of(&a)?, &self.shape_of(&b)?));
+        let dtype = wider(self.dtype_of(&a)?, self.dtype_of(&b)?);
+        check!(self.charge_shape(op, &shape, dtype)?);
+        let result = f(&self.tensors.backend, self.array(&a)?, self.array(&b)?);
         self.adopt(result)
     }
+
+    fn quantized_operands(&self, w: &Handle, scales: &Handle, biases: &Handle, group_size: u32, bits: u32) -> wasmtime::Result<Result<i64, String>> {
+        Ok(checks::quantized(&self.shape_of(w)?, self.dtype_of(w)?, &self.shape_of(scales)?, &self.shape_of(biases)?, group_size, bits))
+    }
+}
+
+/// The larger of two element types (what a mixed op's result is charged at).
+fn wider(a: DType, b: DType) -> DType {
+    if a.size() >= b.size() { a } else { b }
 }
 
 impl wit::HostArray for HostState {
     fn from_f32(&mut self, data: Vec<f32>, shape: Vec<u32>) -> Outcome<Handle> {
-        let shape = match shape_u32_to_i32(&shape) {
-            Ok(s) => s,
-            Err(e) => return Ok(Err(e)),
-        };
+        let shape = check!(checks::from_guest(&shape));
         let result = self.tensors.backend.from_f32(&data, &shape);
         self.adopt(result)
     }
 
     fn from_i32(&mut self, data: Vec<i32>, shape: Vec<u32>) -> Outcome<Handle> {
-        let shape = match shape_u32_to_i32(&shape) {
-            Ok(s) => s,
-            Err(e) => return Ok(Err(e)),
-        };
+        let shape = check!(checks::from_guest(&shape));
         let result = self.tensors.backend.from_i32(&data, &shape);
         self.adopt(result)
     }
 
     fn shape(&mut self, a: Handle) -> wasmtime::Result<Vec<u32>> {
-        Ok(self.tensors.backend.shape(self.array(&a)?).into_iter().map(|d| d as u32).collect())
+        Ok(self.shape_of(&a)?.into_iter().map(|d| d.max(0) as u32).collect())
     }
 
     fn dtype(&mut self, a: Handle) -> wasmtime::Result<wit::Dtype> {
-        Ok(from_dtype(self.tensors.backend.dtype(self.array(&a)?)))
+        Ok(from_dtype(self.dtype_of(&a)?))
     }
 
     fn drop(&mut self, a: Handle) -> wasmtime::Result<()> {
@@ -236,128 +280,172 @@ impl wit::HostArray for HostState {
 
 impl wit::Host for HostState {
     fn matmul(&mut self, a: Handle, b: Handle) -> Outcome<Handle> {
-        self.binary(a, b, |be, a, b| be.matmul(a, b))
+        let shape = check!(checks::matmul(&self.shape_of(&a)?, &self.shape_of(&b)?));
+        check!(self.charge_shape("matmul", &shape, wider(self.dtype_of(&a)?, self.dtype_of(&b)?))?);
+        let result = self.tensors.backend.matmul(self.array(&a)?, self.array(&b)?);
+        self.adopt(result)
     }
 
-    fn quantized_matmul(
-        &mut self,
-        x: Handle,
-        w: Handle,
-        scales: Handle,
-        biases: Handle,
-        transpose: bool,
-        group_size: u32,
-        bits: u32,
-    ) -> Outcome<Handle> {
+    fn quantized_matmul(&mut self, x: Handle, w: Handle, scales: Handle, biases: Handle, transpose: bool, group_size: u32, bits: u32) -> Outcome<Handle> {
+        let columns = check!(self.quantized_operands(&w, &scales, &biases, group_size, bits)?);
+        let (xs, ws) = (self.shape_of(&x)?, self.shape_of(&w)?);
+        let rows = ws[ws.len() - 2] as i64;
+        // x [.., k] @ W.T [k, rows] (transpose) or x [.., rows] @ W [rows, columns].
+        let (k, n) = if transpose { (columns, rows) } else { (rows, columns) };
+        if xs.last().map(|&d| d as i64) != Some(k) || ws.len() != 2 {
+            return Ok(Err(format!("quantized-matmul: x {xs:?} does not fit a {} weight {ws:?}", if transpose { "transposed" } else { "plain" })));
+        }
+        let mut out = xs.clone();
+        *out.last_mut().expect("rank >= 1") = check!(i32::try_from(n).map_err(|_| "quantized-matmul: result too wide".to_owned()));
+        check!(self.charge_shape("quantized-matmul", &out, self.dtype_of(&x)?)?);
         let be = &self.tensors.backend;
-        let result = be.quantized_matmul(
-            self.array(&x)?,
-            self.array(&w)?,
-            self.array(&scales)?,
-            self.array(&biases)?,
-            transpose,
-            group_size as i32,
-            bits as i32,
-        );
+        let result = be.quantized_matmul(self.array(&x)?, self.array(&w)?, self.array(&scales)?, self.array(&biases)?, transpose, group_size as i32, bits as i32);
         self.adopt(result)
     }
 
     fn dequantize(&mut self, w: Handle, scales: Handle, biases: Handle, group_size: u32, bits: u32) -> Outcome<Handle> {
+        let columns = check!(self.quantized_operands(&w, &scales, &biases, group_size, bits)?);
+        let mut out = self.shape_of(&w)?;
+        *out.last_mut().expect("rank >= 2") = check!(i32::try_from(columns).map_err(|_| "dequantize: result too wide".to_owned()));
+        check!(self.charge_shape("dequantize", &out, self.dtype_of(&scales)?)?);
         let be = &self.tensors.backend;
         let result = be.dequantize(self.array(&w)?, self.array(&scales)?, self.array(&biases)?, group_size as i32, bits as i32);
         self.adopt(result)
     }
 
     fn add(&mut self, a: Handle, b: Handle) -> Outcome<Handle> {
-        self.binary(a, b, |be, a, b| be.add(a, b))
+        self.broadcasting("add", a, b, |be, a, b| be.add(a, b))
     }
 
     fn subtract(&mut self, a: Handle, b: Handle) -> Outcome<Handle> {
-        self.binary(a, b, |be, a, b| be.subtract(a, b))
+        self.broadcasting("subtract", a, b, |be, a, b| be.subtract(a, b))
     }
 
     fn multiply(&mut self, a: Handle, b: Handle) -> Outcome<Handle> {
-        self.binary(a, b, |be, a, b| be.multiply(a, b))
+        self.broadcasting("multiply", a, b, |be, a, b| be.multiply(a, b))
     }
 
     fn divide(&mut self, a: Handle, b: Handle) -> Outcome<Handle> {
-        self.binary(a, b, |be, a, b| be.divide(a, b))
+        self.broadcasting("divide", a, b, |be, a, b| be.divide(a, b))
     }
 
     fn scale(&mut self, a: Handle, factor: f32) -> Outcome<Handle> {
-        self.unary(a, |be, a| be.scale(a, factor))
+        self.unary("scale", a, |be, a| be.scale(a, factor))
     }
 
     fn add_scalar(&mut self, a: Handle, value: f32) -> Outcome<Handle> {
-        self.unary(a, |be, a| be.add_scalar(a, value))
+        self.unary("add-scalar", a, |be, a| be.add_scalar(a, value))
     }
 
     fn tanh(&mut self, a: Handle) -> Outcome<Handle> {
-        self.unary(a, |be, a| be.tanh(a))
+        self.unary("tanh", a, |be, a| be.tanh(a))
     }
 
     fn sigmoid(&mut self, a: Handle) -> Outcome<Handle> {
-        self.unary(a, |be, a| be.sigmoid(a))
+        self.unary("sigmoid", a, |be, a| be.sigmoid(a))
     }
 
     fn silu(&mut self, a: Handle) -> Outcome<Handle> {
-        self.unary(a, |be, a| be.silu(a))
+        self.unary("silu", a, |be, a| be.silu(a))
     }
 
     fn gelu_tanh(&mut self, a: Handle) -> Outcome<Handle> {
-        self.unary(a, |be, a| be.gelu_tanh(a))
+        self.unary("gelu-tanh", a, |be, a| be.gelu_tanh(a))
     }
 
     fn astype(&mut self, a: Handle, dtype: wit::Dtype) -> Outcome<Handle> {
-        self.unary(a, |be, a| be.astype(a, to_dtype(dtype)))
+        let dtype = to_dtype(dtype);
+        check!(self.charge_shape("astype", &self.shape_of(&a)?, dtype)?);
+        let result = self.tensors.backend.astype(self.array(&a)?, dtype);
+        self.adopt(result)
     }
 
     fn reshape(&mut self, a: Handle, shape: Vec<i32>) -> Outcome<Handle> {
-        self.unary(a, |be, a| be.reshape(a, &shape))
+        let shape = check!(checks::reshape(&self.shape_of(&a)?, &shape));
+        let result = self.tensors.backend.reshape(self.array(&a)?, &shape);
+        self.adopt(result)
     }
 
     fn transpose(&mut self, a: Handle, axes: Vec<u32>) -> Outcome<Handle> {
+        check!(checks::transpose(&self.shape_of(&a)?, &axes));
         let axes: Vec<i32> = axes.into_iter().map(|x| x as i32).collect();
-        self.unary(a, |be, a| be.transpose(a, &axes))
+        self.unary("transpose", a, |be, a| be.transpose(a, &axes))
     }
 
     fn slice(&mut self, a: Handle, start: Vec<i32>, stop: Vec<i32>) -> Outcome<Handle> {
-        self.unary(a, |be, a| be.slice(a, &start, &stop))
+        check!(checks::slice(&self.shape_of(&a)?, &start, &stop));
+        self.unary("slice", a, |be, a| be.slice(a, &start, &stop))
     }
 
     fn slice_update(&mut self, a: Handle, update: Handle, start: Vec<i32>, stop: Vec<i32>) -> Outcome<Handle> {
-        self.binary(a, update, |be, a, u| be.slice_update(a, u, &start, &stop))
+        let shape = self.shape_of(&a)?;
+        check!(checks::slice(&shape, &start, &stop));
+        check!(self.charge_shape("slice-update", &shape, self.dtype_of(&a)?)?);
+        let result = self.tensors.backend.slice_update(self.array(&a)?, self.array(&update)?, &start, &stop);
+        self.adopt(result)
     }
 
     fn concatenate(&mut self, arrays: Vec<Handle>, axis: i32) -> Outcome<Handle> {
+        let shapes = arrays.iter().map(|h| self.shape_of(h)).collect::<wasmtime::Result<Vec<_>>>()?;
+        let shape = check!(checks::concatenate(&shapes, axis));
+        let dtype = arrays.iter().map(|h| self.dtype_of(h)).collect::<wasmtime::Result<Vec<_>>>()?.into_iter().fold(DType::U8, wider);
+        check!(self.charge_shape("concatenate", &shape, dtype)?);
         let refs = arrays.iter().map(|h| self.array(h)).collect::<wasmtime::Result<Vec<_>>>()?;
         let result = self.tensors.backend.concatenate(&refs, axis);
         self.adopt(result)
     }
 
     fn take(&mut self, a: Handle, indices: Handle, axis: i32) -> Outcome<Handle> {
-        self.binary(a, indices, |be, a, i| be.take(a, i, axis))
+        let a_shape = self.shape_of(&a)?;
+        let (shape, at) = check!(checks::take(&a_shape, &self.shape_of(&indices)?, self.dtype_of(&indices)?, axis));
+        check!(self.charge_shape("take", &shape, self.dtype_of(&a)?)?);
+        // MLX's CPU gather reads whatever an index points at: every index must lie inside the axis.
+        let rows = a_shape[at] as i64;
+        match check!(self.tensors.backend.int_range(self.array(&indices)?)) {
+            Some((low, high)) if low < 0 || high >= rows => {
+                return Ok(Err(format!("take: index {} is outside axis {axis} of size {rows}", if low < 0 { low } else { high })));
+            }
+            _ => {}
+        }
+        let result = self.tensors.backend.take(self.array(&a)?, self.array(&indices)?, axis);
+        self.adopt(result)
     }
 
     fn softmax(&mut self, a: Handle, axis: i32) -> Outcome<Handle> {
-        self.unary(a, |be, a| be.softmax(a, axis))
+        check!(checks::axis("softmax", axis, self.shape_of(&a)?.len()));
+        self.unary("softmax", a, |be, a| be.softmax(a, axis))
     }
 
     fn rms_norm(&mut self, x: Handle, weight: Handle, eps: f32) -> Outcome<Handle> {
-        self.binary(x, weight, |be, x, w| be.rms_norm(x, w, eps))
+        check!(checks::rms_norm(&self.shape_of(&x)?, &self.shape_of(&weight)?));
+        check!(self.charge_shape("rms-norm", &self.shape_of(&x)?, wider(self.dtype_of(&x)?, self.dtype_of(&weight)?))?);
+        let result = self.tensors.backend.rms_norm(self.array(&x)?, self.array(&weight)?, eps);
+        self.adopt(result)
     }
 
     fn rope(&mut self, x: Handle, p: wit::RopeParams) -> Outcome<Handle> {
-        let params = Rope { dims: p.dims as i32, traditional: p.traditional, base: p.base, scale: p.scale, offset: p.offset as i32 };
-        self.unary(x, |be, x| be.rope(x, params))
+        check!(checks::rope(&self.shape_of(&x)?, p.dims));
+        let offset = check!(i32::try_from(p.offset).map_err(|_| format!("rope: offset {} is too large", p.offset)));
+        let params = Rope { dims: p.dims as i32, traditional: p.traditional, base: p.base, scale: p.scale, offset };
+        self.unary("rope", x, |be, x| be.rope(x, params))
     }
 
     fn attention(&mut self, q: Handle, k: Handle, v: Handle, scale: f32, mask: wit::Mask) -> Outcome<Handle> {
+        let (qs, ks) = (self.shape_of(&q)?, self.shape_of(&k)?);
+        let explicit = match &mask {
+            wit::Mask::Explicit(m) => Some(self.shape_of(m)?),
+            _ => None,
+        };
+        let (out, scores) = check!(checks::attention(&qs, &ks, &self.shape_of(&v)?, explicit.as_deref()));
+        // The scores (and, for a sliding window, the mask the shell builds) exist while the op runs.
+        self.charge("attention scores", scores.saturating_mul(2))?;
+        check!(self.charge_shape("attention", &out, self.dtype_of(&q)?)?);
         let mask = match &mask {
             wit::Mask::None => Mask::None,
             wit::Mask::Causal => Mask::Causal,
             wit::Mask::SlidingWindow(w) => {
-                Mask::SlidingWindow { window: w.window as i32, query_offset: w.query_offset as i32, key_offset: w.key_offset as i32 }
+                let int = |v: u32| i32::try_from(v).map_err(|_| format!("attention: sliding-window value {v} is too large"));
+                Mask::SlidingWindow { window: check!(int(w.window)), query_offset: check!(int(w.query_offset)), key_offset: check!(int(w.key_offset)) }
             }
             wit::Mask::Explicit(m) => Mask::Explicit(self.array(m)?),
         };
@@ -366,21 +454,24 @@ impl wit::Host for HostState {
     }
 
     fn conv1d_depthwise(&mut self, x: Handle, weight: Handle) -> Outcome<Handle> {
-        self.binary(x, weight, |be, x, w| be.conv1d_depthwise(x, w))
+        let out = check!(checks::conv1d_depthwise(&self.shape_of(&x)?, &self.shape_of(&weight)?));
+        check!(self.charge_shape("conv1d-depthwise", &out, wider(self.dtype_of(&x)?, self.dtype_of(&weight)?))?);
+        let result = self.tensors.backend.conv1d_depthwise(self.array(&x)?, self.array(&weight)?);
+        self.adopt(result)
     }
 
     fn eval(&mut self, arrays: Vec<Handle>) -> Outcome<()> {
+        self.check_deadline()?;
         let refs = arrays.iter().map(|h| self.array(h)).collect::<wasmtime::Result<Vec<_>>>()?;
         Ok(self.tensors.backend.eval(&refs))
     }
 
     fn read_f32(&mut self, a: Handle) -> Outcome<Vec<f32>> {
-        let be = &self.tensors.backend;
-        let array = self.array(&a)?;
-        let elements: i64 = be.shape(array).iter().map(|&d| d as i64).product();
-        if elements as usize > MAX_READ_ELEMENTS {
+        self.check_deadline()?;
+        let elements = check!(checks::elements(&self.shape_of(&a)?));
+        if elements > MAX_READ_ELEMENTS as u64 {
             return Ok(Err(format!("read-f32 of {elements} elements refused (limit {MAX_READ_ELEMENTS})")));
         }
-        Ok(be.read_f32(array))
+        Ok(self.tensors.backend.read_f32(self.array(&a)?))
     }
 }

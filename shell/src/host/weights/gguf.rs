@@ -15,6 +15,12 @@ use std::path::{Path, PathBuf};
 const MAGIC: &[u8; 4] = b"GGUF";
 /// Metadata arrays longer than this (vocabularies, merges) are not passed to adapters.
 const MAX_ARRAY_IN_CONFIG: usize = 256;
+/// Metadata strings longer than this are not passed to adapters either (chat templates are ~10 KiB).
+const MAX_STRING_IN_CONFIG: usize = 1 << 20;
+/// Arrays of arrays nest at most this deep (real files use one level); deeper is refused, not recursed.
+const MAX_NESTING: usize = 4;
+/// Largest dimension accepted (the tensor backend's shapes are i32).
+const MAX_DIM: u64 = i32::MAX as u64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum GgmlType {
@@ -66,12 +72,26 @@ impl GgmlType {
     }
 }
 
-struct TensorEntry {
+pub struct TensorEntry {
     /// ggml type id as stored (unsupported types are reported when the tensor is requested).
     type_id: u32,
     /// Row-major shape (GGUF lists dimensions innermost first; reversed here).
     shape: Vec<usize>,
     offset: usize,
+}
+
+impl TensorEntry {
+    /// Where the tensor's bytes are: (start, length), in checked arithmetic and whole blocks.
+    fn span(&self, ty: GgmlType, data_start: usize) -> Result<(usize, usize)> {
+        let elements = self.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).context("impossibly many elements")?;
+        let (per_block, block_bytes) = ty.block();
+        if elements % per_block != 0 {
+            bail!("{elements} elements are not whole {ty:?} blocks");
+        }
+        let len = (elements / per_block).checked_mul(block_bytes).context("impossibly large")?;
+        let start = data_start.checked_add(self.offset).context("offset overflows")?;
+        Ok((start, len))
+    }
 }
 
 pub struct GgufCheckpoint {
@@ -122,7 +142,7 @@ impl<'a> Reader<'a> {
         Ok(String::from_utf8_lossy(self.take(n)?).into_owned())
     }
 
-    fn value(&mut self, type_id: u32) -> Result<Value> {
+    fn value(&mut self, type_id: u32, depth: usize) -> Result<Value> {
         Ok(match type_id {
             0 => self.u8()?.into(),
             1 => (self.u8()? as i8).into(),
@@ -132,13 +152,19 @@ impl<'a> Reader<'a> {
             5 => (self.u32()? as i32).into(),
             6 => Value::from(f32::from_bits(self.u32()?) as f64),
             7 => (self.u8()? != 0).into(),
-            8 => self.string()?.into(),
+            8 => {
+                let s = self.string()?;
+                if s.len() > MAX_STRING_IN_CONFIG { Value::Null } else { s.into() }
+            }
             9 => {
+                if depth >= MAX_NESTING {
+                    bail!("arrays nested more than {MAX_NESTING} deep");
+                }
                 let item_type = self.u32()?;
                 let n = self.len()?;
                 let mut items = Vec::with_capacity(n.min(MAX_ARRAY_IN_CONFIG));
                 for _ in 0..n {
-                    let v = self.value(item_type)?;
+                    let v = self.value(item_type, depth + 1)?;
                     if items.len() < MAX_ARRAY_IN_CONFIG {
                         items.push(v);
                     }
@@ -166,7 +192,8 @@ impl GgufCheckpoint {
         Ok(GgufCheckpoint { path: path.to_owned(), map, metadata, tensors, data_start })
     }
 
-    fn parse(bytes: &[u8]) -> Result<(Map<String, Value>, BTreeMap<String, TensorEntry>, usize)> {
+    /// Parses and checks the header and tensor directory (public for the fuzz tests). Never panics.
+    pub fn parse(bytes: &[u8]) -> Result<(Map<String, Value>, BTreeMap<String, TensorEntry>, usize)> {
         let mut r = Reader { bytes, at: 0 };
         if r.take(4)? != MAGIC {
             bail!("no GGUF magic");
@@ -181,7 +208,7 @@ impl GgufCheckpoint {
         for _ in 0..kv_count {
             let key = r.string()?;
             let type_id = r.u32()?;
-            let value = r.value(type_id).with_context(|| format!("metadata {key}"))?;
+            let value = r.value(type_id, 0).with_context(|| format!("metadata {:?}", crate::text::printable(&key, 100)))?;
             if !value.is_null() {
                 metadata.insert(key, value);
             }
@@ -189,21 +216,40 @@ impl GgufCheckpoint {
         let mut tensors = BTreeMap::new();
         for _ in 0..tensor_count {
             let name = r.string()?;
+            let shown = crate::text::printable(&name, 100);
             let dims = r.u32()? as usize;
-            if dims > 4 {
-                bail!("tensor {name} has {dims} dimensions");
+            if !(1..=4).contains(&dims) {
+                bail!("tensor {shown} has {dims} dimensions");
             }
-            let mut shape = (0..dims).map(|_| r.size()).collect::<Result<Vec<_>>>()?;
+            let mut shape = Vec::with_capacity(dims);
+            for _ in 0..dims {
+                let d = r.u64()?;
+                if d == 0 || d > MAX_DIM {
+                    bail!("tensor {shown} has a dimension of {d}");
+                }
+                shape.push(d as usize);
+            }
             shape.reverse();
             let type_id = r.u32()?;
             let offset = r.size()?;
-            tensors.insert(name, TensorEntry { type_id, shape, offset });
+            if tensors.insert(name.clone(), TensorEntry { type_id, shape, offset }).is_some() {
+                bail!("tensor {shown} is listed twice");
+            }
         }
-        let alignment = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32) as usize;
-        if alignment == 0 || !alignment.is_power_of_two() {
-            bail!("general.alignment {alignment} is not a power of two");
+        let alignment = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32);
+        if alignment == 0 || !alignment.is_power_of_two() || alignment > 1 << 20 {
+            bail!("general.alignment {alignment} is not a power of two up to 1 MiB");
         }
-        let data_start = r.at.div_ceil(alignment) * alignment;
+        let data_start = r.at.div_ceil(alignment as usize) * alignment as usize;
+        // Every tensor must lie inside the file, in whole blocks of its type, before anything is read.
+        for (name, t) in &tensors {
+            let shown = crate::text::printable(name, 100);
+            let Some(ty) = GgmlType::from_id(t.type_id) else { continue }; // reported if requested
+            let (start, len) = t.span(ty, data_start).with_context(|| format!("tensor {shown}"))?;
+            if start.checked_add(len).is_none_or(|end| end > bytes.len()) {
+                bail!("tensor {shown} lies outside the file (truncated?)");
+            }
+        }
         Ok((metadata, tensors, data_start))
     }
 
@@ -220,18 +266,12 @@ impl GgufCheckpoint {
         let file = self.path.display();
         let t = self.tensors.get(name).ok_or_else(|| format!("{file}: no tensor {name}"))?;
         let ty = GgmlType::from_id(t.type_id).ok_or_else(|| format!("{file}: tensor {name} has ggml type {} which edgechat cannot read", t.type_id))?;
-        let elements = t.shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d)).ok_or_else(|| format!("{file}: tensor {name} is impossibly large"))?;
-        let (per_block, block_bytes) = ty.block();
-        if elements % per_block != 0 {
-            return Err(format!("{file}: tensor {name} has {elements} elements, not whole {ty:?} blocks"));
-        }
-        let len = elements / per_block * block_bytes;
-        let start = self.data_start.checked_add(t.offset).ok_or_else(|| format!("{file}: tensor {name} offset overflows"))?;
+        let (start, len) = t.span(ty, self.data_start).map_err(|e| format!("{file}: tensor {name}: {e}"))?;
         let bytes = self
             .map
             .get(start..start.saturating_add(len))
             .ok_or_else(|| format!("{file}: tensor {name} lies outside the file (truncated?)"))?;
-        Ok((dequantize(ty, bytes, elements), t.shape.clone()))
+        Ok((dequantize(ty, bytes, len / ty.block().1 * ty.block().0), t.shape.clone()))
     }
 }
 
@@ -342,7 +382,7 @@ impl Checkpoint for GgufCheckpoint {
 
     fn get(&self, backend: &ActiveBackend, name: &str) -> Result<Loaded, String> {
         let (values, shape) = self.dequantize(name)?;
-        let shape: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+        let shape: Vec<i32> = shape.iter().map(|&d| d as i32).collect(); // each <= MAX_DIM, checked at open
         let array = backend.from_f32(&values, &shape).map_err(|e| format!("{}: tensor {name}: {e}", self.path.display()))?;
         Ok(Loaded::Dense(array))
     }

@@ -91,6 +91,20 @@ impl Precision {
 pub struct OpenCheckpoint {
     pub checkpoint: Box<dyn Checkpoint>,
     pub precision: Precision,
+    /// Names the adapter asked for: a load that leaves any tensor unused is refused (strict loading).
+    pub used: std::collections::BTreeSet<String>,
+}
+
+impl OpenCheckpoint {
+    pub fn new(checkpoint: Box<dyn Checkpoint>, precision: Precision) -> Self {
+        OpenCheckpoint { checkpoint, precision, used: Default::default() }
+    }
+
+    /// Tensors the checkpoint holds that the adapter never loaded: a graph that ignores weights computes
+    /// something else than the model, so this is an error, not a partial load.
+    pub fn unused(&self) -> Vec<String> {
+        self.checkpoint.names().into_iter().filter(|n| !self.used.contains(n)).collect()
+    }
 }
 
 impl HostState {
@@ -113,6 +127,11 @@ impl Host for HostState {
     }
 
     fn get(&mut self, name: String) -> wasmtime::Result<Result<Entry, String>> {
+        self.check_deadline()?;
+        self.open_checkpoint()?;
+        if let Some(open) = self.weights.as_mut() {
+            open.used.insert(name.clone());
+        }
         let open = self.open_checkpoint()?;
         let backend = &self.tensors.backend;
         let loaded = match open.checkpoint.get(backend, &name).and_then(|l| open.precision.apply(backend, l)) {

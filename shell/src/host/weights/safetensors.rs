@@ -31,7 +31,7 @@ pub struct SafetensorsCheckpoint {
 impl SafetensorsCheckpoint {
     pub fn open(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let config = std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
+        let config = crate::paths::read_capped(&config_path, crate::paths::MAX_CONFIG_BYTES)?;
         let parsed: serde_json::Value =
             serde_json::from_str(&config).with_context(|| format!("{} is not valid JSON", config_path.display()))?;
         let quantization = parsed.get("quantization").map(|q| {
@@ -80,9 +80,14 @@ impl SafetensorsCheckpoint {
         let (start, end) = info.data_offsets;
         let bytes = file
             .map
-            .get(file.data_start + start..file.data_start + end)
+            .get(file.data_start.saturating_add(start)..file.data_start.saturating_add(end))
             .ok_or_else(|| format!("{}: tensor {name} lies outside the file (truncated?)", file.path.display()))?;
-        let shape: Vec<i32> = info.shape.iter().map(|&d| d as i32).collect();
+        let shape = info
+            .shape
+            .iter()
+            .map(|&d| i32::try_from(d).ok().filter(|&d| d > 0))
+            .collect::<Option<Vec<i32>>>()
+            .ok_or_else(|| format!("{}: tensor {name} has shape {:?}: a zero or oversized dimension", file.path.display(), info.shape))?;
         backend.from_bytes(dtype, bytes, &shape).map_err(|e| format!("{}: tensor {name}: {e}", file.path.display()))
     }
 }

@@ -6,7 +6,14 @@
 //!   "handles"  create a million tensor handles and keep them
 //!   "panic"    panic (a trap)
 //!   "phone-home"  reach hosts it never declared (returns the refusals as its text)
+//!   "gather"   read outside a tensor with out-of-range gather indices (returns the refusals)
+//!   "shapes"   absurd, overflowing and mismatched shapes for every op (returns one line per refusal)
+//!   "broadcast" a broadcast whose result would need terabytes
+//!   "eval-loop" / "net-loop"  call the host forever: only the call's deadline can stop it
 //!   anything   echo the content back, so tests can show the shell still works after an attack
+//!
+//! `catalog.manifest` of `hub:redteam/<attack>` returns a malicious download manifest (see `manifest`);
+//! `runtime.model.load` loads every tensor it is offered, and `forward` returns logits of a wrong shape.
 
 wit_bindgen::generate!({
     path: "../../../wit/v0.1.0",
@@ -66,9 +73,121 @@ impl prompt::Guest for Hostile {
                 let hub = edgechat::adapter::net::get("hub:/api/models/x/y", &[]).err().unwrap_or_default();
                 Ok(prompt::Formatted { text: format!("{outside}\n{hub}"), stop_sequences: vec![], defaults: NO_DEFAULTS })
             }
-            other => Ok(prompt::Formatted { text: other.to_owned(), stop_sequences: vec![], defaults: NO_DEFAULTS }),
+            "gather" => Ok(text(gather())),
+            "shapes" => Ok(text(shapes())),
+            "broadcast" => {
+                let a = tensor::Array::from_f32(&[1.0], &[1, 1])?;
+                let tall = tensor::reshape(&a, &[1, 1])?;
+                let rows = tensor::concatenate(&vec![&tall; 1 << 12], 0)?; // [4096, 1]
+                let cols = tensor::transpose(&rows, &[1, 0])?; // [1, 4096]
+                let mut big = tensor::multiply(&rows, &cols)?; // [4096, 4096]
+                for _ in 0..4 {
+                    let flat = tensor::reshape(&big, &[-1, 1])?;
+                    big = tensor::multiply(&flat, &tensor::reshape(&big, &[1, -1])?)?;
+                }
+                Ok(text(format!("{:?}", big.shape())))
+            }
+            "eval-loop" => {
+                let a = tensor::Array::from_f32(&[1.0; 64], &[8, 8])?;
+                loop {
+                    let b = tensor::matmul(&a, &a)?;
+                    tensor::eval(&[&b])?;
+                }
+            }
+            "net-loop" => loop {
+                let _ = edgechat::adapter::net::get("https://undeclared.example/", &[]);
+            },
+            other => Ok(text(other.to_owned())),
         }
     }
+}
+
+fn text(text: String) -> prompt::Formatted {
+    prompt::Formatted { text, stop_sequences: vec![], defaults: NO_DEFAULTS }
+}
+
+/// Gathers with indices outside the table: each must be refused before MLX reads memory.
+fn gather() -> String {
+    let attempt = |ids: &[i32]| -> Result<Vec<f32>, String> {
+        let table = tensor::Array::from_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], &[4, 2])?;
+        let ids = tensor::Array::from_i32(ids, &[ids.len() as u32])?;
+        tensor::read_f32(&tensor::take(&table, &ids, 0)?)
+    };
+    [&[4][..], &[-1], &[0, 1_000_000], &[i32::MAX], &[i32::MIN]]
+        .iter()
+        .map(|ids| match attempt(ids) {
+            Ok(values) => format!("READ {values:?}"),
+            Err(e) => format!("refused: {e}"),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Every op with shapes it cannot take; one line per attempt: "refused: ..." or "ACCEPTED ...".
+fn shapes() -> String {
+    let f = |shape: &[u32]| tensor::Array::from_f32(&vec![0.5; shape.iter().product::<u32>() as usize], shape);
+    let attempts: Vec<(&str, Box<dyn Fn() -> Result<tensor::Array, String>>)> = vec![
+        ("from-f32 huge", Box::new(|| tensor::Array::from_f32(&[1.0], &[u32::MAX, u32::MAX]))),
+        ("from-f32 short", Box::new(|| tensor::Array::from_f32(&[1.0], &[65536, 65536, 65536, 65536]))),
+        ("reshape wrap", Box::new(|| tensor::reshape(&f(&[1])?, &[65536, 65536, 65536, 65536, 65536]))),
+        ("reshape two -1", Box::new(|| tensor::reshape(&f(&[4])?, &[-1, -1]))),
+        ("reshape rank 100", Box::new(|| tensor::reshape(&f(&[1])?, &[1; 100]))),
+        ("matmul mismatch", Box::new(|| tensor::matmul(&f(&[2, 3])?, &f(&[4, 5])?))),
+        ("matmul vector", Box::new(|| tensor::matmul(&f(&[3])?, &f(&[3])?))),
+        ("add no broadcast", Box::new(|| tensor::add(&f(&[3])?, &f(&[4])?))),
+        ("transpose repeat", Box::new(|| tensor::transpose(&f(&[2, 3])?, &[0, 0]))),
+        ("transpose huge axis", Box::new(|| tensor::transpose(&f(&[2, 3])?, &[u32::MAX, 0]))),
+        ("slice too many axes", Box::new(|| tensor::slice(&f(&[2])?, &[0, 0, 0], &[1, 1, 1]))),
+        ("concatenate mismatch", Box::new(|| tensor::concatenate(&[&f(&[2, 3])?, &f(&[2, 4])?], 0))),
+        ("concatenate axis", Box::new(|| tensor::concatenate(&[&f(&[2])?], 7))),
+        ("softmax axis", Box::new(|| tensor::softmax(&f(&[2])?, -5))),
+        ("rms-norm weight", Box::new(|| tensor::rms_norm(&f(&[2, 8])?, &f(&[4])?, 1e-6))),
+        ("rms-norm scalar", Box::new(|| tensor::rms_norm(&f(&[])?, &f(&[1])?, 1e-6))),
+        ("rope rank 1", Box::new(|| tensor::rope(&f(&[8])?, rope(8, 0)))),
+        ("rope dims", Box::new(|| tensor::rope(&f(&[1, 1, 2, 8])?, rope(64, 0)))),
+        ("rope offset", Box::new(|| tensor::rope(&f(&[1, 1, 2, 8])?, rope(8, u32::MAX)))),
+        ("attention rank 2", Box::new(|| tensor::attention(&f(&[2, 8])?, &f(&[2, 8])?, &f(&[2, 8])?, 1.0, &tensor::Mask::Causal))),
+        ("attention heads", Box::new(|| tensor::attention(&f(&[1, 3, 2, 8])?, &f(&[1, 2, 2, 8])?, &f(&[1, 2, 2, 8])?, 1.0, &tensor::Mask::None))),
+        ("attention window", Box::new(|| {
+            let window = tensor::WindowMask { window: u32::MAX, query_offset: u32::MAX, key_offset: 0 };
+            tensor::attention(&f(&[1, 1, 2, 8])?, &f(&[1, 1, 2, 8])?, &f(&[1, 1, 2, 8])?, 1.0, &tensor::Mask::SlidingWindow(window))
+        })),
+        ("attention mask", Box::new(|| {
+            let mask = f(&[5, 7])?;
+            tensor::attention(&f(&[1, 1, 2, 8])?, &f(&[1, 1, 2, 8])?, &f(&[1, 1, 2, 8])?, 1.0, &tensor::Mask::Explicit(&mask))
+        })),
+        ("conv1d rank", Box::new(|| tensor::conv1d_depthwise(&f(&[4])?, &f(&[4, 3])?))),
+        ("conv1d short", Box::new(|| tensor::conv1d_depthwise(&f(&[1, 2, 4])?, &f(&[4, 3])?))),
+        ("conv1d channels", Box::new(|| tensor::conv1d_depthwise(&f(&[1, 5, 4])?, &f(&[5, 3])?))),
+        ("quantized dtype", Box::new(|| tensor::quantized_matmul(&f(&[1, 64])?, &f(&[8, 8])?, &f(&[8, 1])?, &f(&[8, 1])?, true, 64, 4))),
+        ("dequantize scales", Box::new(|| {
+            let w = tensor::astype(&f(&[8, 8])?, tensor::Dtype::Uint32)?;
+            tensor::dequantize(&w, &f(&[8, 3])?, &f(&[8, 3])?, 64, 4)
+        })),
+        ("dequantize bits", Box::new(|| {
+            let w = tensor::astype(&f(&[8, 8])?, tensor::Dtype::Uint32)?;
+            tensor::dequantize(&w, &f(&[8, 1])?, &f(&[8, 1])?, 64, 7)
+        })),
+        ("take float indices", Box::new(|| tensor::take(&f(&[4, 2])?, &f(&[1])?, 0))),
+    ];
+    attempts
+        .into_iter()
+        .map(|(name, attempt)| match attempt() {
+            Ok(a) => format!("ACCEPTED {name}: {:?}", a.shape()),
+            Err(e) => format!("refused {name}: {e}"),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn rope(dims: u32, offset: u32) -> tensor::RopeParams {
+    tensor::RopeParams { dims, traditional: false, base: 10000.0, scale: 1.0, offset }
+}
+
+const HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+fn file(path: &str, url: &str, size: u64, sha256: Option<&str>) -> catalog::ManifestFile {
+    catalog::ManifestFile { path: path.into(), url: url.into(), size, sha256: sha256.map(Into::into) }
 }
 
 impl catalog::Guest for Hostile {
@@ -76,12 +195,38 @@ impl catalog::Guest for Hostile {
         Err("no catalog".into())
     }
 
-    fn manifest(_source: catalog::Source) -> Result<catalog::DownloadManifest, String> {
-        Err("no catalog".into())
+    /// `hub:redteam/<attack>`: a manifest that breaks one rule of the shell's manifest validation.
+    fn manifest(source: catalog::Source) -> Result<catalog::DownloadManifest, String> {
+        let catalog::Source::Hub(hub) = source else { return Err("no catalog".into()) };
+        let attack = hub.repo.strip_prefix("redteam/").unwrap_or("");
+        let config = |path: &str| file(path, "hub:/redteam/x/resolve/main/config.json", 10, None);
+        let mut revision = "0123456789abcdef".to_owned();
+        let files = match attack {
+            "empty-path" => vec![file("", "hub:/x", 10, None)],
+            "traversal" => vec![file("../../escaped.json", "hub:/x", 10, None)],
+            "absolute" => vec![file("/tmp/escaped.json", "hub:/x", 10, None)],
+            "reserved" => vec![config("manifest.json")],
+            "partial-name" => vec![config("config.json.partial")],
+            "case-duplicate" => vec![config("config.json"), config("CONFIG.json")],
+            "overflow" => vec![file("a.safetensors", "hub:/x", u64::MAX, Some(HASH)), file("b.safetensors", "hub:/x", 2, Some(HASH))],
+            "unhashed-weights" => vec![file("model.safetensors", "hub:/x", 10, None)],
+            "no-size" => vec![file("config.json", "hub:/x", 0, None)],
+            "undeclared-host" => vec![file("config.json", "https://attacker.example/config.json", 10, None)],
+            "plain-http" => vec![file("config.json", "http://attacker.example/config.json", 10, None)],
+            "loopback" => vec![file("config.json", "https://127.0.0.1:1/config.json", 10, None)],
+            "file-url" => vec![file("config.json", "file:///etc/passwd", 10, None)],
+            "escape-revision" => {
+                revision = "main\u{1b}]0;pwned\u{7}\u{1b}[2J".to_owned();
+                vec![config("config.json")]
+            }
+            other => return Err(format!("unknown attack {other:?}")),
+        };
+        Ok(catalog::DownloadManifest { layout: catalog::Layout::Directory, revision, files })
     }
 }
 
 pub struct NoCache;
+/// Loads every tensor offered (so strict loading passes), then returns logits of the wrong shape.
 pub struct NoModel;
 
 impl runtime::GuestCache for NoCache {
@@ -96,11 +241,14 @@ impl runtime::GuestCache for NoCache {
 
 impl runtime::GuestModel for NoModel {
     fn load() -> Result<runtime::Model, String> {
-        Err("no model".into())
+        for name in edgechat::adapter::weights::names() {
+            edgechat::adapter::weights::get(&name)?;
+        }
+        Ok(runtime::Model::new(NoModel))
     }
 
     fn vocab_size(&self) -> u32 {
-        0
+        8
     }
 
     fn new_cache(&self) -> runtime::Cache {
@@ -108,7 +256,7 @@ impl runtime::GuestModel for NoModel {
     }
 
     fn forward(&self, _tokens: Vec<u32>, _cache: runtime::CacheBorrow<'_>, _all_positions: bool) -> Result<tensor::Array, String> {
-        Err("no model".into())
+        tensor::Array::from_f32(&[0.0; 3], &[1, 3])
     }
 }
 
