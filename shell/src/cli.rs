@@ -101,7 +101,25 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let result = match cli.command {
+    // The last line of defence (docs/security.md, class 9): a panic anywhere still ends as exit code 1
+    // with one line, never exit code 101 and a backtrace prompt. Panics inside adapter calls are already
+    // contained per call; this covers the shell's own code outside them.
+    std::panic::set_hook(Box::new(|info| tracing::debug!("panic: {info}")));
+    let result = std::panic::catch_unwind(|| dispatch(cli.command)).unwrap_or_else(|panic| {
+        let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("");
+        Err(anyhow::anyhow!("internal error (a bug in edgechat, please report it): {what}"))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", crate::text::printable(&format!("{e:#}"), 4000));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Adapters { command: AdaptersCommand::List } => commands::adapters_list(),
         Command::Models { json } => commands::models(json),
         Command::Prompt { model, messages, no_generation_prompt } => commands::prompt(&model, &messages, !no_generation_prompt),
@@ -113,13 +131,6 @@ pub fn main() -> ExitCode {
         Command::Select { model } => commands::select(&model),
         Command::Bench { model, prompt_tokens, gen_tokens, dtype, runs } => {
             commands::bench::bench(commands::bench::BenchArgs { model, prompt_tokens, gen_tokens, dtype, runs })
-        }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(1)
         }
     }
 }
