@@ -140,6 +140,7 @@ impl AdapterHost {
         let mut adapter =
             Adapter { info: placeholder, path: path.to_owned(), sha256, size: bytes.len() as u64, code, component, host: self.clone() };
         let info = adapter.instantiate()?.info()?;
+        check_info(&info).with_context(|| format!("refusing adapter {}", path.display()))?;
         if info.contract_version != contract {
             bail!(
                 "refusing adapter {}: it reports contract {} but its component implements {contract}",
@@ -150,6 +151,27 @@ impl AdapterHost {
         adapter.info = info;
         Ok(adapter)
     }
+}
+
+/// What an adapter says about itself is printed and used as a key: its name must be a plain identifier,
+/// every other string short and printable (no terminal escapes).
+fn check_info(info: &AdapterInfo) -> Result<()> {
+    let name_ok = !info.name.is_empty()
+        && info.name.len() <= 32
+        && info.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !name_ok {
+        bail!("its name {:?} is not a plain identifier (a-z, 0-9, - and _, up to 32)", crate::text::printable(&info.name, 40));
+    }
+    let strings = [&info.version, &info.contract_version].into_iter().chain(&info.families).chain(&info.architectures).chain(&info.allowed_hosts);
+    for s in strings {
+        if s.is_empty() || s.chars().count() > 128 || s.chars().any(char::is_control) {
+            bail!("adapter {}: {:?} in its info is empty, too long or not printable", info.name, crate::text::printable(s, 40));
+        }
+    }
+    if info.families.len() + info.architectures.len() + info.allowed_hosts.len() > 256 {
+        bail!("adapter {}: its info lists too many entries", info.name);
+    }
+    Ok(())
 }
 
 /// Checks imports and exports by name before anything runs; returns the contract version.
@@ -340,6 +362,31 @@ fn describe_trap(error: &wasmtime::Error, limits: &Limits, call: &str) -> String
             } else {
                 text
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, version: &str) -> AdapterInfo {
+        AdapterInfo {
+            name: name.into(),
+            version: version.into(),
+            contract_version: "0.1.0".into(),
+            families: vec!["Test".into()],
+            architectures: vec!["test".into()],
+            allowed_hosts: vec!["hub".into()],
+        }
+    }
+
+    #[test]
+    fn adapter_info_must_be_safe_to_print() {
+        assert!(check_info(&info("gemma", "1.2.3")).is_ok());
+        for (name, version) in [("", "1"), ("Gemma", "1"), ("a\u{1b}[2J", "1"), ("../x", "1"), ("ok", "1\u{1b}]0;x\u{7}"), ("ok", "")] {
+            let err = format!("{:#}", check_info(&info(name, version)).unwrap_err());
+            assert!(!err.contains('\u{1b}'), "{err}");
         }
     }
 }
