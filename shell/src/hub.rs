@@ -262,7 +262,7 @@ impl Hub {
                 request_headers.insert(AUTHORIZATION, value);
             }
             let shown = crate::text::printable(url.as_str(), 300);
-            let response = client.get(url.clone()).headers(request_headers).send().map_err(|e| SendError::Network(format!("GET {shown}: {e}")))?;
+            let response = client.get(url.clone()).headers(request_headers).send().map_err(|e| SendError::Network(format!("GET {shown}: {}", with_causes(&e))))?;
             if !response.status().is_redirection() {
                 return Ok(response);
             }
@@ -293,6 +293,20 @@ impl From<SendError> for String {
     fn from(e: SendError) -> String {
         e.to_string()
     }
+}
+
+/// An error with its causes: reqwest's own message ("error sending request") hides why.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.contains(&next) {
+            text = format!("{text}: {next}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Headers only the shell may set.
@@ -400,6 +414,17 @@ mod tests {
         assert_eq!(h.refuse_hop(&parse_http("https://cdn.example/x").unwrap(), &r, false), None);
         let local = hub("http://127.0.0.1:9");
         assert_eq!(local.refuse_hop(&parse_http("https://10.0.0.1/x").unwrap(), &r, false), None);
+    }
+
+    #[test]
+    fn names_resolving_to_non_public_addresses_are_refused_at_connect() {
+        // `localhost` passes the literal-address check (it is a name); the resolver must catch it.
+        let h = hub("https://hub.example");
+        let reach = Reach { hosts: vec![Host::Domain("localhost".into())], redirects_anywhere: false };
+        let url = parse_http("https://localhost/x").unwrap();
+        assert_eq!(h.refuse_first_hop(&url, &reach), None);
+        let err = h.send(&h.client(Some(Duration::from_secs(10))).unwrap(), url, &[], &reach).unwrap_err().to_string();
+        assert!(err.contains("resolves only to non-public addresses"), "{err}");
     }
 
     #[test]
