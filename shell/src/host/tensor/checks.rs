@@ -33,6 +33,12 @@ pub fn bytes(shape: &[i32], dtype: DType) -> Check<u64> {
 pub fn from_guest(shape: &[u32]) -> Check<Vec<i32>> {
     let shape = shape.iter().map(|&d| i32::try_from(d).map_err(|_| format!("dimension {d} is too large"))).collect::<Check<Vec<i32>>>()?;
     elements(&shape)?;
+    // mlx-rs multiplies a new array's dimensions in i32, zeros included wherever they are: the product
+    // of the non-zero ones must fit (found by the op-sequence property test).
+    let nonzero = shape.iter().try_fold(1u64, |n, &d| n.checked_mul(d.max(1) as u64).filter(|&n| n <= i32::MAX as u64));
+    if nonzero.is_none() {
+        return Err(format!("shape {shape:?} is too large for one array"));
+    }
     Ok(shape)
 }
 
@@ -229,6 +235,7 @@ mod tests {
         assert!(elements(&[-1, 4]).is_err());
         assert!(elements(&[1; 9]).is_err());
         assert!(from_guest(&[u32::MAX]).is_err());
+        assert!(from_guest(&[65536, 65536, 0]).is_err());
     }
 
     #[test]
