@@ -84,9 +84,7 @@ impl ModelLock {
             Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
         }
     }
-}
 
-impl ModelLock {
     /// The lock of the model stored at `dir`: `<dir>.lock` beside it (never `with_extension`, which would
     /// give `Qwen2.5-0.5B` and `Qwen2.5-1.5B` the same lock).
     pub fn path_for(dir: &Path) -> PathBuf {

@@ -217,7 +217,7 @@ impl Hub {
     fn refuse_hop(&self, url: &Url, reach: &Reach, first: bool) -> Option<String> {
         let host = url.host_str().unwrap_or("");
         if !self.is_hub(url) {
-            let declared = reach.hosts.iter().any(|h| url.host() == Some(h.borrow_host()));
+            let declared = url.host().is_some_and(|host| reach.hosts.contains(&host.to_owned()));
             if !declared && (first || !reach.redirects_anywhere) {
                 let what = if first { "host" } else { "redirect to host" };
                 return Some(format!("{what} {host} is not among the hosts this adapter declared"));
@@ -312,20 +312,6 @@ fn with_causes(error: &dyn std::error::Error) -> String {
 /// Headers only the shell may set.
 fn is_credential(name: &HeaderName) -> bool {
     [AUTHORIZATION, reqwest::header::PROXY_AUTHORIZATION, reqwest::header::COOKIE, reqwest::header::HOST].contains(name)
-}
-
-trait BorrowHost {
-    fn borrow_host(&self) -> Host<&str>;
-}
-
-impl BorrowHost for Host<String> {
-    fn borrow_host(&self) -> Host<&str> {
-        match self {
-            Host::Domain(d) => Host::Domain(d.as_str()),
-            Host::Ipv4(ip) => Host::Ipv4(*ip),
-            Host::Ipv6(ip) => Host::Ipv6(*ip),
-        }
-    }
 }
 
 #[cfg(test)]

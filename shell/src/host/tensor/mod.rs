@@ -106,9 +106,12 @@ pub trait Backend {
 /// Largest read-back: results, not weights, cross the boundary.
 pub const MAX_READ_ELEMENTS: usize = 16 << 20;
 
-/// A live array handle, with the bytes it was charged.
+/// A live array handle, with its shape and dtype (read from the backend once, when it is adopted: the
+/// checks consult them on every op) and the bytes it was charged.
 pub struct TensorHandle {
     pub array: BackendArray,
+    shape: Vec<i32>,
+    dtype: DType,
     bytes: u64,
 }
 
@@ -168,11 +171,11 @@ impl HostState {
     }
 
     fn shape_of(&self, h: &Handle) -> wasmtime::Result<Vec<i32>> {
-        Ok(self.tensors.backend.shape(self.array(h)?))
+        Ok(self.table.get(h)?.shape.clone())
     }
 
     fn dtype_of(&self, h: &Handle) -> wasmtime::Result<DType> {
-        Ok(self.tensors.backend.dtype(self.array(h)?))
+        Ok(self.table.get(h)?.dtype)
     }
 
     /// Charges `bytes` (an op's result or intermediate) against the byte cap before the op is recorded.
@@ -203,7 +206,8 @@ impl HostState {
     pub(crate) fn adopt(&mut self, result: OpResult<BackendArray>) -> Outcome<Handle> {
         let array = check!(result);
         let t = &mut self.tensors;
-        let bytes = match checks::bytes(&t.backend.shape(&array), t.backend.dtype(&array)) {
+        let (shape, dtype) = (t.backend.shape(&array), t.backend.dtype(&array));
+        let bytes = match checks::bytes(&shape, dtype) {
             Ok(b) => b,
             Err(e) => wasmtime::bail!("adapter produced an array the host cannot hold: {e}"),
         };
@@ -214,7 +218,7 @@ impl HostState {
         let t = &mut self.tensors;
         t.live_handles += 1;
         t.live_bytes += bytes;
-        Ok(Ok(self.table.push(TensorHandle { array, bytes })?))
+        Ok(Ok(self.table.push(TensorHandle { array, shape, dtype, bytes })?))
     }
 
     /// An op whose result has the shape and dtype of its input.

@@ -128,10 +128,8 @@ impl Host for HostState {
 
     fn get(&mut self, name: String) -> wasmtime::Result<Result<Entry, String>> {
         self.check_deadline()?;
-        self.open_checkpoint()?;
-        if let Some(open) = self.weights.as_mut() {
-            open.used.insert(name.clone());
-        }
+        let open = self.weights.as_mut().ok_or_else(|| wasmtime::format_err!("adapter asked for weights outside of a model load"))?;
+        open.used.insert(name.clone());
         let open = self.open_checkpoint()?;
         let backend = &self.tensors.backend;
         let loaded = match open.checkpoint.get(backend, &name).and_then(|l| open.precision.apply(backend, l)) {
