@@ -88,7 +88,7 @@ fn gathers_outside_a_tensor_are_refused() {
     let mut session = common::load("hostile").instantiate().unwrap();
     let text = attack(&mut session, "gather").0.unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 5, "{text}");
+    assert_eq!(lines.len(), 6, "{text}");
     for line in lines {
         assert!(line.starts_with("refused: take: index"), "{line}");
     }

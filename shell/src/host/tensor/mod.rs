@@ -113,6 +113,8 @@ pub struct TensorHandle {
     shape: Vec<i32>,
     dtype: DType,
     bytes: u64,
+    /// Smallest and largest value, when the host saw them (`from-i32`): a gather need not evaluate them.
+    known_range: Option<(i64, i64)>,
 }
 
 /// Per-store tensor state: the backend and the caps.
@@ -218,7 +220,7 @@ impl HostState {
         let t = &mut self.tensors;
         t.live_handles += 1;
         t.live_bytes += bytes;
-        Ok(Ok(self.table.push(TensorHandle { array, shape, dtype, bytes })?))
+        Ok(Ok(self.table.push(TensorHandle { array, shape, dtype, bytes, known_range: None })?))
     }
 
     /// An op whose result has the shape and dtype of its input.
@@ -263,7 +265,10 @@ impl wit::HostArray for HostState {
     fn from_i32(&mut self, data: Vec<i32>, shape: Vec<u32>) -> Outcome<Handle> {
         let shape = check!(checks::from_guest(&shape));
         let result = self.tensors.backend.from_i32(&data, &shape);
-        self.adopt(result)
+        let handle = check!(self.adopt(result)?);
+        let (low, high) = (data.iter().min(), data.iter().max());
+        self.table.get_mut(&handle)?.known_range = low.zip(high).map(|(&l, &h)| (l as i64, h as i64));
+        Ok(Ok(handle))
     }
 
     fn shape(&mut self, a: Handle) -> wasmtime::Result<Vec<u32>> {
@@ -405,7 +410,11 @@ impl wit::Host for HostState {
         check!(self.charge_shape("take", &shape, self.dtype_of(&a)?)?);
         // MLX's CPU gather reads whatever an index points at: every index must lie inside the axis.
         let rows = a_shape[at] as i64;
-        match check!(self.tensors.backend.int_range(self.array(&indices)?)) {
+        let range = match self.table.get(&indices)?.known_range {
+            Some(known) => Some(known),
+            None => check!(self.tensors.backend.int_range(self.array(&indices)?)),
+        };
+        match range {
             Some((low, high)) if low < 0 || high >= rows => {
                 return Ok(Err(format!("take: index {} is outside axis {axis} of size {rows}", if low < 0 { low } else { high })));
             }

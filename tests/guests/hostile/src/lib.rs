@@ -113,9 +113,17 @@ fn gather() -> String {
         let ids = tensor::Array::from_i32(ids, &[ids.len() as u32])?;
         tensor::read_f32(&tensor::take(&table, &ids, 0)?)
     };
+    // Indices the host computes (3 + 3) rather than receives: it must evaluate them to check them.
+    let computed = || -> Result<Vec<f32>, String> {
+        let table = tensor::Array::from_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], &[4, 2])?;
+        let three = tensor::Array::from_i32(&[3], &[1])?;
+        tensor::read_f32(&tensor::take(&table, &tensor::add(&three, &three)?, 0)?)
+    };
     [&[4][..], &[-1], &[0, 1_000_000], &[i32::MAX], &[i32::MIN]]
         .iter()
-        .map(|ids| match attempt(ids) {
+        .map(|ids| attempt(ids))
+        .chain([computed()])
+        .map(|outcome| match outcome {
             Ok(values) => format!("READ {values:?}"),
             Err(e) => format!("refused: {e}"),
         })
