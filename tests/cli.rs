@@ -129,6 +129,13 @@ fn adapters_list_shows_origin_and_hash_and_refuses_hostile_installs() {
     let wasi = wat::parse_str(r#"(component (import "wasi:cli/environment@0.2.0" (instance)))"#).unwrap();
     std::fs::write(installed.join("sneaky.wasm"), wasi).unwrap();
     let out = edgechat(home.path(), &["adapters", "list"]);
+    assert!(text(&out.stdout).contains("sneaky.wasm: unsigned; set EDGECHAT_DEV_ADAPTERS=1"), "{}", text(&out.stdout));
+    let out = Command::new(env!("CARGO_BIN_EXE_edgechat"))
+        .args(["adapters", "list"])
+        .env("EDGECHAT_HOME", home.path())
+        .env("EDGECHAT_DEV_ADAPTERS", "1")
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let sha = {
@@ -142,16 +149,22 @@ fn adapters_list_shows_origin_and_hash_and_refuses_hostile_installs() {
 }
 
 #[test]
-fn an_installed_adapter_replaces_the_builtin_one_of_the_same_name() {
+fn a_development_adapter_replaces_the_builtin_one_of_the_same_name() {
     let home = tempfile::tempdir().unwrap();
     let installed = home.path().join("adapters");
     std::fs::create_dir_all(&installed).unwrap();
     std::fs::copy(common::component("leap"), installed.join("leap.wasm")).unwrap();
-    let out = edgechat(home.path(), &["adapters", "list"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_edgechat"))
+        .args(["adapters", "list"])
+        .env("EDGECHAT_HOME", home.path())
+        .env("EDGECHAT_DEV_ADAPTERS", "1")
+        .output()
+        .unwrap();
     let stdout = text(&out.stdout);
     let leap: Vec<&str> = stdout.lines().filter(|l| l.starts_with("leap")).collect();
-    assert_eq!(leap.len(), 1, "{stdout}");
-    assert!(leap[0].contains(installed.to_str().unwrap()), "{stdout}");
+    assert_eq!(leap.len(), 2, "{stdout}");
+    assert!(leap[0].contains("development") && leap[0].contains(" active ") && leap[0].contains(installed.to_str().unwrap()), "{stdout}");
+    assert!(leap[1].contains("built-in") && leap[1].contains(" shadowed "), "{stdout}");
 }
 
 #[test]

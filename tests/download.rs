@@ -36,6 +36,8 @@ fn hub() -> FakeHub {
 fn command(home: &Path, hub: &FakeHub, args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_edgechat"));
     cmd.args(args).env("EDGECHAT_HOME", home).env("EDGECHAT_HUB_ENDPOINT", &hub.url).env_remove("HF_TOKEN").env_remove("HF_ENDPOINT");
+    // The hostile test adapter runs as a development adapter (a signed one would pass the same checks).
+    cmd.env("EDGECHAT_DEV_ADAPTERS", "1");
     cmd
 }
 
@@ -349,7 +351,7 @@ fn rm_removes_exactly_one_model() {
     assert!(stderr(&out).contains("is not downloaded"), "{}", stderr(&out));
 }
 
-/// The hostile test adapter installed as a user adapter, and a hub repo `redteam/<attack>` whose
+/// The hostile test adapter as a development adapter in the data dir, and a hub repo `redteam/<attack>` whose
 /// config.json names it: `pull hub:redteam/<attack>` gets the attack's manifest.
 fn redteam(attack: &str) -> (tempfile::TempDir, FakeHub) {
     let home = tempfile::tempdir().unwrap();

@@ -4,7 +4,8 @@
 mod common;
 
 use edgechat::adapter::bindings::exports::edgechat::adapter::prompt::{FormatOptions, Message};
-use edgechat::adapter::{AdapterError, Registry, Session};
+use edgechat::adapter::{AdapterError, Session};
+use edgechat::registry::Registry;
 use edgechat::host::{Deadlines, Limits};
 use std::time::Duration;
 
@@ -187,8 +188,9 @@ fn a_directory_with_a_bad_adapter_still_loads_the_good_ones() {
     let registry = Registry::from_dirs(&common::host_with(Default::default()), &[dir.path().to_owned()]);
     assert_eq!(registry.adapters.len(), 1);
     assert_eq!(registry.adapters[0].name(), "leap");
-    assert_eq!(registry.problems.len(), 1);
-    assert!(registry.problems[0].0.ends_with("broken.wasm"));
+    let refused: Vec<_> = registry.refused().collect();
+    assert_eq!(refused.len(), 1);
+    assert!(refused[0].0.ends_with("broken.wasm"));
 }
 
 #[test]

@@ -14,10 +14,10 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Runtime adapters: list what is installed.
+    /// Runtime adapters: list, install signed packages, update, roll back, publish, test.
     Adapters {
         #[command(subcommand)]
-        command: AdaptersCommand,
+        command: commands::adapters::AdaptersCommand,
     },
     /// The model catalog, as the adapters describe it.
     Models {
@@ -81,12 +81,6 @@ enum Command {
     },
 }
 
-#[derive(Subcommand)]
-enum AdaptersCommand {
-    /// Name, version, contract, families, sha256 and origin of every adapter found.
-    List,
-}
-
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -120,7 +114,7 @@ pub fn main() -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Adapters { command: AdaptersCommand::List } => commands::adapters_list(),
+        Command::Adapters { command } => commands::adapters::run(command),
         Command::Models { json } => commands::models(json),
         Command::Prompt { model, messages, no_generation_prompt } => commands::prompt(&model, &messages, !no_generation_prompt),
         Command::Doctor => commands::doctor::run(),

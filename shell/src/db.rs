@@ -22,6 +22,16 @@ const MIGRATIONS: &[&str] = &[
      );",
     // 2: look-ups of a model's history
     "CREATE INDEX downloads_by_model ON downloads (model, started_at);",
+    // 3: signed adapter updates: the publisher keys trusted, and per adapter the installed version that is
+    // active, the one before it (none: the built-in adapter) and the highest ever installed (rollback
+    // protection survives `rollback` and `remove`)
+    "CREATE TABLE trusted_keys (key_id TEXT PRIMARY KEY, public_key TEXT NOT NULL, added_at INTEGER NOT NULL);
+     CREATE TABLE installed_adapters (
+         name TEXT PRIMARY KEY,
+         active TEXT,
+         previous TEXT,
+         highest TEXT NOT NULL
+     );",
 ];
 
 pub fn schema_version() -> u32 {
@@ -38,6 +48,15 @@ pub struct Selection {
     pub model: String,
     pub adapter: String,
     pub runtime: String,
+}
+
+/// Which installed versions of one adapter are in use (see migration 3).
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstalledAdapter {
+    pub name: String,
+    pub active: Option<String>,
+    pub previous: Option<String>,
+    pub highest: String,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +139,60 @@ impl Db {
     }
 }
 
+/// Signed adapter updates: trusted keys, installed versions, the newest index seen.
+impl Db {
+    pub fn trust_key(&self, key_id: &str, public_key_hex: &str) -> Result<bool> {
+        let added = self.conn.execute(
+            "INSERT INTO trusted_keys (key_id, public_key, added_at) VALUES (?1, ?2, ?3) ON CONFLICT (key_id) DO NOTHING",
+            params![key_id, public_key_hex, now()],
+        )?;
+        Ok(added == 1)
+    }
+
+    pub fn untrust_key(&self, key_id: &str) -> Result<bool> {
+        Ok(self.conn.execute("DELETE FROM trusted_keys WHERE key_id = ?1", params![key_id])? == 1)
+    }
+
+    /// (key id, public key hex, added at) of every trusted key.
+    pub fn trusted_keys(&self) -> Result<Vec<(String, String, i64)>> {
+        let mut stmt = self.conn.prepare("SELECT key_id, public_key, added_at FROM trusted_keys ORDER BY added_at, key_id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    pub fn installed_adapters(&self) -> Result<Vec<InstalledAdapter>> {
+        let mut stmt = self.conn.prepare("SELECT name, active, previous, highest FROM installed_adapters ORDER BY name")?;
+        let rows = stmt.query_map([], |r| Ok(InstalledAdapter { name: r.get(0)?, active: r.get(1)?, previous: r.get(2)?, highest: r.get(3)? }))?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    pub fn installed_adapter(&self, name: &str) -> Result<Option<InstalledAdapter>> {
+        Ok(self.installed_adapters()?.into_iter().find(|a| a.name == name))
+    }
+
+    /// Records an adapter's versions in one statement: the switch `install` and `rollback` make is atomic.
+    pub fn set_installed_adapter(&self, state: &InstalledAdapter) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO installed_adapters (name, active, previous, highest) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (name) DO UPDATE SET active = excluded.active, previous = excluded.previous, highest = excluded.highest",
+            params![state.name, state.active, state.previous, state.highest],
+        )?;
+        Ok(())
+    }
+
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        Ok(self.conn.query_row("SELECT value FROM settings WHERE key = ?1", params![key], |r| r.get(0)).optional()?)
+    }
+
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO settings (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +219,27 @@ mod tests {
         assert_eq!(db.downloads("m").unwrap().len(), 1);
         let indexes: i64 = db.conn.query_row("SELECT count(*) FROM sqlite_master WHERE name = 'downloads_by_model'", [], |r| r.get(0)).unwrap();
         assert_eq!(indexes, 1);
+    }
+
+    #[test]
+    fn a_database_of_schema_2_gains_the_adapter_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edgechat.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&MIGRATIONS[..2].join("\n")).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            conn.execute("INSERT INTO settings (key, value) VALUES ('k', 'v')", []).unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.setting("k").unwrap().as_deref(), Some("v"));
+        assert!(db.trust_key("0123456789abcdef", "ab").unwrap());
+        assert!(!db.trust_key("0123456789abcdef", "ab").unwrap(), "trusting twice adds nothing");
+        let state = InstalledAdapter { name: "gemma".into(), active: Some("0.2.0".into()), previous: None, highest: "0.2.0".into() };
+        db.set_installed_adapter(&state).unwrap();
+        assert_eq!(db.installed_adapter("gemma").unwrap(), Some(state));
+        assert!(db.untrust_key("0123456789abcdef").unwrap());
+        assert!(db.trusted_keys().unwrap().is_empty());
     }
 
     #[test]

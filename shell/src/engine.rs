@@ -54,6 +54,11 @@ impl Model {
         Ok(Model { session, model, instance, vocab, graph_build: Default::default() })
     }
 
+    /// The adapter instance the model lives in (for its sandbox figures).
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
     pub fn graph_build_time(&self) -> std::time::Duration {
         self.graph_build
     }

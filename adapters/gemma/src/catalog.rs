@@ -1,6 +1,6 @@
 //! What the gemma adapter knows about Gemma 3 checkpoints on the hub: names, sizes, context, memory.
 
-use crate::exports::edgechat::adapter::catalog::{Description, DownloadManifest, Layout, ManifestFile, RuntimeKind, Source};
+use adapter_kit::wit::exports::edgechat::adapter::catalog::{Description, DownloadManifest, Layout, ManifestFile, RuntimeKind, Source};
 
 /// Architecture facts of one Gemma 3 size, from its config.json.
 struct Size {

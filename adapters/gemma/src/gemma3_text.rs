@@ -5,6 +5,7 @@
 //! scaling; norms before and after both attention and MLP; gelu-tanh MLP; tied output head; optional
 //! final logit soft-capping. Reads hub checkpoints (HF tensor names) and GGUF (llama.cpp names).
 
+use adapter_kit::adapter::Graph;
 use adapter_kit::nn::{self, config_f32, config_u32, config_value, Embedding, KvCache, Linear, R};
 use adapter_kit::wit::edgechat::adapter::tensor::{self, Array};
 use adapter_kit::wit::edgechat::adapter::weights::{self, CheckpointFormat};
@@ -264,5 +265,34 @@ impl Gemma3 {
         let k = nn::rope(&k, c.head_dim, base, scale, offset)?;
         let out = kv.attend(&q, k, v, c.query_pre_attn_scalar.powf(-0.5))?;
         layer.o.forward(&nn::merge_heads(&out)?)
+    }
+}
+
+/// The kit exports this graph as the adapter's `runtime` (adapters/kit/src/adapter.rs).
+impl Graph for Gemma3 {
+    type Cache = Cache;
+
+    fn load() -> Result<Self, String> {
+        Gemma3::load()
+    }
+
+    fn vocab_size(&self) -> u32 {
+        self.config.vocab
+    }
+
+    fn new_cache(&self) -> Self::Cache {
+        Gemma3::new_cache(self)
+    }
+
+    fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, all_positions: bool) -> Result<Array, String> {
+        Gemma3::forward(self, tokens, cache, all_positions)
+    }
+
+    fn cache_length(cache: &Self::Cache) -> u32 {
+        cache.length()
+    }
+
+    fn trim(cache: &mut Self::Cache, length: u32) -> Result<(), String> {
+        cache.layers.iter_mut().try_for_each(|kv| kv.trim(length))
     }
 }

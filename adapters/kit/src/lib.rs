@@ -1,4 +1,6 @@
-//! Helpers shared by edgechat adapters that need nothing from the host.
+//! What every edgechat adapter shares: the bindings of the adapter world, the export glue ([`adapter`]:
+//! an adapter is a `Family` and a `Graph`), neural-network blocks ([`nn`]), hub listings ([`hub`]) and
+//! chat templates.
 //!
 //! Chat templates are rendered the way Hugging Face transformers' `apply_chat_template` renders them, so a
 //! model's own Jinja template produces byte-identical prompts: `trim_blocks` and `lstrip_blocks` on, no
@@ -9,16 +11,17 @@ use minijinja::{Environment, Error, ErrorKind, Value};
 use serde::Serialize;
 
 pub mod wit {
-    //! Bindings for the host imports. Adapters map their imports onto these with `with:` so that kit
-    //! helpers and adapter code share one `array` type.
+    //! Bindings for the whole adapter world: the host imports the graph code calls, and the exports
+    //! [`adapter`](crate::adapter) implements once for every adapter.
     wit_bindgen::generate!({
         path: "../../wit/v0.1.0",
-        world: "edgechat:adapter/guest-kit@0.1.0",
+        world: "edgechat:adapter/adapter@0.1.0",
         pub_export_macro: true,
         generate_all,
     });
 }
 
+pub mod adapter;
 pub mod hub;
 pub mod nn;
 pub mod selftest;

@@ -1,7 +1,7 @@
 //! What the leap adapter knows about LFM2 checkpoints: Leap bundles (one file per model and quantization)
 //! and hub snapshots (safetensors).
 
-use crate::exports::edgechat::adapter::catalog::{Description, DownloadManifest, Layout, ManifestFile, RuntimeKind, Source};
+use adapter_kit::wit::exports::edgechat::adapter::catalog::{Description, DownloadManifest, Layout, ManifestFile, RuntimeKind, Source};
 use adapter_kit::hub;
 
 /// Architecture facts of one LFM2 size, from its config.json.

@@ -5,6 +5,7 @@
 //! residuals; final norm (`embedding_norm`); tied output head. Conv blocks keep the last few inputs as
 //! state, attention blocks a KV cache. Reads hub checkpoints (HF names) and GGUF (llama.cpp names).
 
+use adapter_kit::adapter::Graph;
 use adapter_kit::nn::{self, config_f32, config_u32, config_value, Embedding, History, KvCache, Linear, R};
 use adapter_kit::wit::edgechat::adapter::tensor::{self, Array};
 use adapter_kit::wit::edgechat::adapter::weights::{self, CheckpointFormat};
@@ -299,5 +300,34 @@ impl Lfm2 {
         }
         history.compact()?;
         out_proj.forward(&tensor::multiply(&gate, &conv)?)
+    }
+}
+
+/// The kit exports this graph as the adapter's `runtime` (adapters/kit/src/adapter.rs).
+impl Graph for Lfm2 {
+    type Cache = Cache;
+
+    fn load() -> Result<Self, String> {
+        Lfm2::load()
+    }
+
+    fn vocab_size(&self) -> u32 {
+        self.config.vocab
+    }
+
+    fn new_cache(&self) -> Self::Cache {
+        Lfm2::new_cache(self)
+    }
+
+    fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, all_positions: bool) -> Result<Array, String> {
+        Lfm2::forward(self, tokens, cache, all_positions)
+    }
+
+    fn cache_length(cache: &Self::Cache) -> u32 {
+        cache.length()
+    }
+
+    fn trim(cache: &mut Self::Cache, length: u32) -> Result<(), String> {
+        cache.trim(length)
     }
 }

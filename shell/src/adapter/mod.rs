@@ -8,8 +8,6 @@
 //! adapter. The next call gets a fresh instance, so the shell keeps working.
 
 pub mod bindings;
-mod registry;
-pub use registry::Registry;
 mod compiled;
 
 use crate::host::{HostState, Limits};
@@ -57,10 +55,23 @@ pub struct AdapterInfo {
     pub allowed_hosts: Vec<String>,
 }
 
+/// Where an adapter came from, which decides whether it may run (see [`crate::registry`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Origin {
+    /// Shipped with this build: trusted as part of it.
+    BuiltIn,
+    /// A signed package, installed; `signer` is the id of the key that signed it.
+    Installed { signer: String },
+    /// An unsigned component in `<data dir>/adapters/`, loaded only with EDGECHAT_DEV_ADAPTERS=1.
+    Development,
+}
+
 /// A verified, compiled adapter, ready to instantiate.
 #[derive(Clone)]
 pub struct Adapter {
     pub info: AdapterInfo,
+    pub origin: Origin,
     pub path: PathBuf,
     pub sha256: String,
     pub size: u64,
@@ -118,12 +129,17 @@ impl AdapterHost {
         &self.limits
     }
 
-    /// Reads, verifies and compiles (or loads from cache) one component file.
+    /// Reads, verifies and compiles (or loads from cache) one component file, as a built-in adapter.
     pub fn load(&self, path: &Path) -> Result<Adapter> {
         let bytes = std::fs::read(path).with_context(|| format!("reading adapter {}", path.display()))?;
+        self.load_bytes(&bytes, path, Origin::BuiltIn)
+    }
+
+    /// Verifies and compiles a component already in memory; `path` names where it came from.
+    pub fn load_bytes(&self, bytes: &[u8], path: &Path, origin: Origin) -> Result<Adapter> {
         let sha256 = hex::encode(Sha256::digest(&bytes));
         let started = Instant::now();
-        let (component, cached) = compiled::load_or_compile(&self.engine, &bytes, &sha256, self.cache_dir.as_deref())
+        let (component, cached) = compiled::load_or_compile(&self.engine, bytes, &sha256, self.cache_dir.as_deref())
             .with_context(|| format!("{} is not a valid WebAssembly component", path.display()))?;
         let elapsed = started.elapsed();
         let code = if cached { CodeSource::Cached(elapsed) } else { CodeSource::Compiled(elapsed) };
@@ -138,7 +154,7 @@ impl AdapterHost {
             allowed_hosts: vec![],
         };
         let mut adapter =
-            Adapter { info: placeholder, path: path.to_owned(), sha256, size: bytes.len() as u64, code, component, host: self.clone() };
+            Adapter { info: placeholder, origin, path: path.to_owned(), sha256, size: bytes.len() as u64, code, component, host: self.clone() };
         let info = adapter.instantiate()?.info()?;
         check_info(&info).with_context(|| format!("refusing adapter {}", path.display()))?;
         if info.contract_version != contract {
@@ -262,6 +278,11 @@ impl Session {
     pub fn state_mut(&mut self) -> Result<&mut HostState> {
         self.ensure_live()?;
         Ok(self.live.as_mut().expect("instance is live").0.data_mut())
+    }
+
+    /// The live instance's host state, if there is one (a trap discards it).
+    pub fn state(&self) -> Option<&HostState> {
+        self.live.as_ref().map(|(store, _)| store.data())
     }
 
     /// Runs one export under a fresh fuel budget. A trap (including any sandbox limit) discards the

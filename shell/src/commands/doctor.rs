@@ -24,7 +24,7 @@ pub fn run() -> Result<()> {
         Some(bytes) => println!("free disk        {}", human_bytes(bytes)),
         None => println!("free disk        unknown"),
     }
-    for (path, problem) in &shell.registry.problems {
+    for (path, problem) in shell.registry.refused() {
         println!("refused adapter  {}: {problem}", path.display());
     }
     if shell.registry.adapters.is_empty() {

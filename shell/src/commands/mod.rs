@@ -1,5 +1,6 @@
 //! The CLI commands. Each opens a [`Shell`] (paths, adapter host, discovered adapters) and does one thing.
 
+pub mod adapters;
 pub mod bench;
 pub mod doctor;
 pub mod import;
@@ -7,7 +8,8 @@ pub mod pull;
 pub mod run;
 
 use crate::adapter::bindings::exports::edgechat::adapter::{catalog::RuntimeKind, prompt};
-use crate::adapter::{Adapter, AdapterHost, CodeSource, Registry};
+use crate::adapter::{Adapter, AdapterHost};
+use crate::registry::Registry;
 use crate::catalog::{Catalog, Source};
 use crate::host::Limits;
 use crate::paths::Paths;
@@ -20,17 +22,19 @@ pub struct Shell {
     pub host: AdapterHost,
     pub registry: Registry,
     pub catalog: Catalog,
+    pub db: crate::db::Db,
 }
 
 impl Shell {
     pub fn open() -> Result<Shell> {
         let paths = Paths::resolve()?;
         let host = AdapterHost::new(Limits::default(), Some(paths.compiled_adapters()))?;
-        let registry = Registry::discover(&host, &paths);
-        for (path, problem) in &registry.problems {
+        let db = crate::db::Db::open(&paths.database())?;
+        let registry = Registry::discover(&host, &paths, &db);
+        for (path, problem) in registry.refused() {
             tracing::warn!("skipped adapter {}: {problem}", path.display());
         }
-        Ok(Shell { paths, host, registry, catalog: Catalog::builtin() })
+        Ok(Shell { paths, host, registry, catalog: Catalog::builtin(), db })
     }
 
     /// Where a downloaded model lives: `Models/<org>--<name>/` for hub snapshots, `Models/<slug>-<quant>.bundle/`
@@ -41,34 +45,6 @@ impl Shell {
             Source::Leap { slug, quantization } => self.paths.models().join(format!("{slug}-{quantization}.bundle")),
         }
     }
-}
-
-pub fn adapters_list() -> Result<()> {
-    let shell = Shell::open()?;
-    if shell.registry.adapters.is_empty() && shell.registry.problems.is_empty() {
-        bail!("no adapters found (looked in {} and the build's target/adapters): run `cargo xtask adapters`", shell.paths.user_adapters().display());
-    }
-    println!("{:<8} {:<8} {:<9} {:<14} {:<16} {:<10} FROM", "NAME", "VERSION", "CONTRACT", "FAMILIES", "SHA256", "CODE");
-    for a in &shell.registry.adapters {
-        let code = match a.code {
-            CodeSource::Compiled(d) => format!("compiled {:.0}ms", d.as_secs_f64() * 1e3),
-            CodeSource::Cached(d) => format!("cached {:.1}ms", d.as_secs_f64() * 1e3),
-        };
-        println!(
-            "{:<8} {:<8} {:<9} {:<14} {:<16} {:<10} {}",
-            a.info.name,
-            a.info.version,
-            a.info.contract_version,
-            a.info.families.join(","),
-            &a.sha256[..16],
-            code,
-            a.path.display()
-        );
-    }
-    for (path, problem) in &shell.registry.problems {
-        println!("refused  {}: {problem}", path.display());
-    }
-    Ok(())
 }
 
 pub fn runtime_label(kind: RuntimeKind) -> &'static str {

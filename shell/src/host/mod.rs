@@ -8,7 +8,7 @@ pub mod weights;
 
 use std::time::{Duration, Instant};
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 
 /// Sandbox limits for one adapter instance.
 #[derive(Debug, Clone)]
@@ -83,7 +83,7 @@ pub struct HostState {
     /// The adapter's name, for logs and errors.
     pub adapter: String,
     pub table: ResourceTable,
-    pub limits: StoreLimits,
+    pub limits: MemoryLimits,
     pub tensors: tensor::Tensors,
     pub weights: Option<weights::OpenCheckpoint>,
     pub net: net::NetPolicy,
@@ -96,7 +96,10 @@ impl HostState {
         HostState {
             adapter: adapter.to_owned(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new().memory_size(limits.memory_bytes).instances(4).tables(16).memories(4).trap_on_grow_failure(true).build(),
+            limits: MemoryLimits {
+                limits: StoreLimitsBuilder::new().memory_size(limits.memory_bytes).instances(4).tables(16).memories(4).trap_on_grow_failure(true).build(),
+                peak_memory: 0,
+            },
             tensors: tensor::Tensors::new(limits.max_tensor_handles, limits.max_tensor_bytes),
             weights: None,
             net: net::NetPolicy::default(),
@@ -111,6 +114,38 @@ impl HostState {
             Some(d) if Instant::now() >= d => Err(wasmtime::Error::new(DeadlinePassed)),
             _ => Ok(()),
         }
+    }
+}
+
+/// wasmtime's store limits, remembering the largest linear memory the adapter asked for.
+pub struct MemoryLimits {
+    limits: StoreLimits,
+    pub peak_memory: usize,
+}
+
+impl ResourceLimiter for MemoryLimits {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.peak_memory = self.peak_memory.max(desired);
+        }
+        Ok(allowed)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
     }
 }
 

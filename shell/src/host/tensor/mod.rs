@@ -122,13 +122,15 @@ pub struct Tensors {
     pub backend: ActiveBackend,
     pub live_handles: usize,
     pub live_bytes: u64,
+    /// The most bytes live at once (reported by `edgechat adapters test`).
+    pub peak_bytes: u64,
     pub max_handles: usize,
     pub max_bytes: u64,
 }
 
 impl Tensors {
     pub fn new(max_handles: usize, max_bytes: u64) -> Self {
-        Tensors { backend: ActiveBackend::default(), live_handles: 0, live_bytes: 0, max_handles, max_bytes }
+        Tensors { backend: ActiveBackend::default(), live_handles: 0, live_bytes: 0, peak_bytes: 0, max_handles, max_bytes }
     }
 }
 
@@ -220,6 +222,7 @@ impl HostState {
         let t = &mut self.tensors;
         t.live_handles += 1;
         t.live_bytes += bytes;
+        t.peak_bytes = t.peak_bytes.max(t.live_bytes);
         Ok(Ok(self.table.push(TensorHandle { array, shape, dtype, bytes, known_range: None })?))
     }
 

@@ -1,0 +1,41 @@
+//! The gemma adapter as its next release would ship it, for the update tests: the same graph and catalog
+//! (the sources of adapters/gemma), version 0.2.0, and a changed chat template (the system prompt is
+//! labelled "System: "), so installing it visibly changes `edgechat prompt`.
+
+#[path = "../../../../adapters/gemma/src/catalog.rs"]
+mod catalog;
+#[path = "../../../../adapters/gemma/src/gemma3_text.rs"]
+mod gemma3_text;
+
+use adapter_kit::adapter::Family;
+use adapter_kit::wit::exports::edgechat::adapter::{catalog as wit_catalog, prompt};
+
+struct Gemma;
+
+impl Family for Gemma {
+    const NAME: &'static str = "gemma";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const FAMILIES: &'static [&'static str] = &["Gemma 3"];
+    const ARCHITECTURES: &'static [&'static str] = &["gemma3", "gemma3_text"];
+    const ALLOWED_HOSTS: &'static [&'static str] = &["hub"];
+    /// Gemma 3's template, with the system prompt labelled.
+    const CHAT_TEMPLATE: &'static str = include_str!("chat_template.jinja");
+    const BOS: &'static str = "<bos>";
+    const EOS: &'static str = "<eos>";
+    const STOP_SEQUENCES: &'static [&'static str] = &["<end_of_turn>", "<eos>"];
+    /// Gemma 3's generation_config.json.
+    const DEFAULTS: prompt::GenerationDefaults =
+        prompt::GenerationDefaults { temperature: 1.0, top_k: 64, top_p: 0.95, min_p: 0.0, repetition_penalty: 1.0 };
+
+    type Graph = gemma3_text::Gemma3;
+
+    fn describe(source: &wit_catalog::Source) -> Result<wit_catalog::Description, String> {
+        catalog::describe(source)
+    }
+
+    fn manifest(source: &wit_catalog::Source) -> Result<wit_catalog::DownloadManifest, String> {
+        catalog::manifest(source)
+    }
+}
+
+adapter_kit::export_adapter!(Gemma);
