@@ -270,6 +270,7 @@ fn an_interrupted_install_leaves_a_working_adapter() {
         outcomes.insert(version);
     }
     eprintln!("outcomes seen: {outcomes:?}");
+    assert!(outcomes.contains("0.1.0"), "a kill right after the start leaves the built-in adapter");
 }
 
 /// Serves the files of a directory over HTTP on 127.0.0.1 (one thread, one request per connection).

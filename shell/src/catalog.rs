@@ -69,3 +69,11 @@ impl Catalog {
         self.models.iter().find(|m| m.id == id)
     }
 }
+
+pub fn runtime_label(kind: wit::RuntimeKind) -> &'static str {
+    match kind {
+        wit::RuntimeKind::MlxSafetensors => "MLX (safetensors)",
+        wit::RuntimeKind::MlxGguf => "MLX (GGUF)",
+        wit::RuntimeKind::MlxLeapBundle => "MLX (Leap bundle)",
+    }
+}

@@ -115,14 +115,14 @@ pub fn main() -> ExitCode {
 fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Adapters { command } => commands::adapters::run(command),
-        Command::Models { json } => commands::models(json),
-        Command::Prompt { model, messages, no_generation_prompt } => commands::prompt(&model, &messages, !no_generation_prompt),
+        Command::Models { json } => commands::models::run(json),
+        Command::Prompt { model, messages, no_generation_prompt } => commands::prompt::run(&model, &messages, !no_generation_prompt),
         Command::Doctor => commands::doctor::run(),
         Command::Import { source, tokenizer, id, dtype } => commands::import::import(commands::import::ImportArgs { source, tokenizer, id, dtype }),
         Command::Run(args) => commands::run::run(args),
         Command::Pull { model, json } => commands::pull::pull(&model, json),
-        Command::Rm { model } => commands::pull::rm(&model),
-        Command::Select { model } => commands::select(&model),
+        Command::Rm { model } => commands::rm::run(&model),
+        Command::Select { model } => commands::select::run(&model),
         Command::Bench { model, prompt_tokens, gen_tokens, dtype, runs } => {
             commands::bench::bench(commands::bench::BenchArgs { model, prompt_tokens, gen_tokens, dtype, runs })
         }

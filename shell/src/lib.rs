@@ -4,6 +4,7 @@
 
 pub mod adapter;
 pub mod catalog;
+pub mod chat;
 pub mod cli;
 pub mod commands;
 pub mod conformance;
@@ -17,5 +18,6 @@ pub mod hub;
 pub mod models;
 pub mod paths;
 pub mod registry;
+pub mod shell;
 pub mod text;
 pub mod updates;

@@ -1,7 +1,7 @@
 //! Models on disk: what a model directory (or GGUF file) holds, the imported models under
 //! `<data dir>/Models/<id>/` with their `manifest.json`, and resolving what the user named.
 
-use crate::commands::Shell;
+use crate::shell::Shell;
 use crate::host::weights::gguf::GgufCheckpoint;
 use crate::host::weights::safetensors::SafetensorsCheckpoint;
 use crate::host::weights::{Checkpoint, OpenCheckpoint, Precision};
@@ -179,4 +179,13 @@ pub fn resolve(shell: &Shell, name: &str) -> Result<ModelFiles> {
         "no model `{name}`: not a path, not an imported model ({}), not in the catalog",
         if ids.is_empty() { "none imported; see `edgechat import`".to_owned() } else { ids.join(", ") }
     )
+}
+
+/// Whether a model directory holds every file its manifest lists with the recorded size and hash, its
+/// bytes on disk, its revision.
+pub fn local_state(dir: &Path) -> Option<(bool, u64, Option<String>)> {
+    let manifest: Manifest = serde_json::from_str(&std::fs::read_to_string(dir.join("manifest.json")).ok()?).ok()?;
+    let bytes = manifest.files.iter().filter_map(|f| std::fs::metadata(dir.join(&f.path)).ok()).map(|m| m.len()).sum();
+    let complete = manifest.files.iter().all(|f| f.is_intact(dir));
+    Some((complete, bytes, manifest.revision))
 }

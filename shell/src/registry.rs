@@ -109,12 +109,12 @@ impl Registry {
             if let Some(active) = &state.active {
                 let path = store.package_path(&state.name, active);
                 found.push(store.load_version(host, &state.name, active).map_err(|e| {
-                    Listed::refused(state.name.clone(), Some(active.clone()), Origin::Installed { signer: "?".into() }, &path, format!("{e:#}"))
+                    Listed::refused(state.name.clone(), Some(active.clone()), Origin::Installed { signer: "unverified".into() }, &path, format!("{e:#}"))
                 }));
             }
             if let Some(previous) = state.previous.as_ref().filter(|v| store.package_path(&state.name, v).exists()) {
                 let path = store.package_path(&state.name, previous);
-                let mut listed = Listed::refused(state.name.clone(), Some(previous.clone()), Origin::Installed { signer: "?".into() }, &path, String::new());
+                let mut listed = Listed::refused(state.name.clone(), Some(previous.clone()), Origin::Installed { signer: "unverified".into() }, &path, String::new());
                 listed.state = State::Kept;
                 kept.push(listed);
             }

@@ -1,6 +1,6 @@
 //! `edgechat adapters ...`: keys, packages, installs, the signed index, and the conformance kit.
 
-use super::Shell;
+use crate::shell::Shell;
 use crate::adapter::{AdapterHost, CodeSource};
 use crate::conformance::{self, Fixture};
 use crate::db::Db;

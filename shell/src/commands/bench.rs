@@ -2,7 +2,8 @@
 //! each forward pass is spent building the graph through the adapter (the WebAssembly boundary).
 
 use super::run::{load, peak_rss_bytes};
-use super::{human_bytes, Shell};
+use crate::shell::Shell;
+use crate::text::human_bytes;
 use crate::generate::argmax;
 use crate::host::weights::Precision;
 use crate::models;

@@ -1,7 +1,8 @@
 //! `edgechat doctor`: facts about this installation and a self-test of the tensor backend driven
 //! through each adapter, checked against plain Rust arithmetic.
 
-use super::{human_bytes, Shell};
+use crate::shell::Shell;
+use crate::text::human_bytes;
 use crate::adapter::{Adapter, CodeSource};
 use crate::host::tensor::{ActiveBackend, Backend};
 use crate::paths::free_space;

@@ -1,7 +1,7 @@
 //! `edgechat import`: copy a GGUF file or a model directory into the data dir, after checking that an
 //! adapter runs it and that it loads, and register it for `models` and `run`.
 
-use super::Shell;
+use crate::shell::Shell;
 use crate::host::weights::Precision;
 use crate::models::{self, FileRecord, Manifest, ModelFiles, Weights};
 use anyhow::{bail, Context, Result};

@@ -1,7 +1,7 @@
 //! `edgechat run`: load a model through its adapter and stream a reply; interactive chat when no
 //! prompt is given on a terminal.
 
-use super::Shell;
+use crate::shell::Shell;
 use crate::adapter::bindings::exports::edgechat::adapter::prompt::{FormatOptions, GenerationDefaults, Message};
 use crate::engine::{Cache, Model};
 use crate::generate::{self, Outcome, Request, SamplingParams, Stops};

@@ -268,7 +268,7 @@ fn templates_case(kit: &mut Kit, goldens: &Path) -> Result<String> {
     let mut session = kit.session()?;
     for case in &cases {
         let name = case["name"].as_str().unwrap_or("?");
-        let messages = crate::commands::read_messages(&case["messages"].to_string()).with_context(|| format!("golden {name}"))?;
+        let messages = crate::chat::read_messages(&case["messages"].to_string()).with_context(|| format!("golden {name}"))?;
         let generation_prompt = case["add_generation_prompt"].as_bool().unwrap_or(true);
         let config = case["tokenizer_config"].as_str().map(str::to_owned);
         let result = kit.format(&mut session, &messages, generation_prompt, config);

@@ -125,6 +125,14 @@ impl<'a> Store<'a> {
         let path = self.package_path(name, version);
         let dir = path.parent().expect("a package path has a directory");
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // What an install killed mid-write left behind is never read; clear it before writing anew.
+        let stale = format!(".{version}.ecpkg.");
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&stale) && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         let tmp = dir.join(format!(".{version}.ecpkg.{}.tmp", std::process::id()));
         let mut file = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
         file.write_all(bytes)?;
