@@ -53,8 +53,18 @@ enum Command {
         #[arg(long)]
         dtype: Option<crate::host::weights::Precision>,
     },
-    /// Stream a reply from a model.
+    /// Stream a reply from a model (with no prompt on a terminal: `chat`).
     Run(commands::run::RunArgs),
+    /// Chat in the terminal: line editing, streamed replies, slash commands, every turn saved.
+    Chat(commands::chat::ChatArgs),
+    /// Saved conversations: list, show, rm, export.
+    History {
+        #[command(subcommand)]
+        command: Option<commands::history::HistoryCommand>,
+        /// One JSON object per conversation.
+        #[arg(long)]
+        json: bool,
+    },
     /// Download a catalog model or hub:ORG/NAME[@REVISION], resuming what an earlier pull left.
     Pull {
         model: String,
@@ -120,6 +130,8 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Doctor => commands::doctor::run(),
         Command::Import { source, tokenizer, id, dtype } => commands::import::import(commands::import::ImportArgs { source, tokenizer, id, dtype }),
         Command::Run(args) => commands::run::run(args),
+        Command::Chat(args) => commands::chat::run(args, Default::default()),
+        Command::History { command, json } => commands::history::run(command, json),
         Command::Pull { model, json } => commands::pull::pull(&model, json),
         Command::Rm { model } => commands::rm::run(&model),
         Command::Select { model } => commands::select::run(&model),

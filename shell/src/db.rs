@@ -32,6 +32,27 @@ const MIGRATIONS: &[&str] = &[
          previous TEXT,
          highest TEXT NOT NULL
      );",
+    // 4: saved conversations (`edgechat chat`, `edgechat history`)
+    "CREATE TABLE conversations (
+         id INTEGER PRIMARY KEY,
+         title TEXT NOT NULL,
+         model TEXT NOT NULL,
+         adapter TEXT NOT NULL,
+         adapter_version TEXT NOT NULL,
+         settings TEXT NOT NULL,
+         system TEXT,
+         created_at INTEGER NOT NULL,
+         updated_at INTEGER NOT NULL
+     );
+     CREATE TABLE messages (
+         id INTEGER PRIMARY KEY,
+         conversation INTEGER NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+         role TEXT NOT NULL,
+         content TEXT NOT NULL,
+         tokens INTEGER,
+         created_at INTEGER NOT NULL
+     );
+     CREATE INDEX messages_by_conversation ON messages (conversation, id);",
 ];
 
 pub fn schema_version() -> u32 {
@@ -59,6 +80,30 @@ pub struct InstalledAdapter {
     pub highest: String,
 }
 
+/// A saved conversation; `messages` counts its messages when listed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ConversationRecord {
+    pub id: i64,
+    pub title: String,
+    pub model: String,
+    pub adapter: String,
+    pub adapter_version: String,
+    /// The chat settings, as JSON.
+    pub settings: String,
+    pub system: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub messages: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MessageRecord {
+    pub role: String,
+    pub content: String,
+    pub tokens: Option<i64>,
+    pub created_at: i64,
+}
+
 #[derive(Debug, Clone)]
 pub struct DownloadRecord {
     pub model: String,
@@ -80,6 +125,7 @@ impl Db {
         }
         let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "foreign_keys", true)?;
         let mut db = Db { conn };
         db.migrate().with_context(|| format!("upgrading {}", path.display()))?;
         Ok(db)
@@ -193,6 +239,84 @@ impl Db {
     }
 }
 
+/// Saved conversations.
+impl Db {
+    /// Creates the conversation (`record.id` 0) or updates its model, settings and system prompt (and
+    /// its title when `retitle`). Returns its id.
+    pub fn save_conversation(&self, record: &ConversationRecord, retitle: bool) -> Result<i64> {
+        let r = record;
+        if r.id == 0 {
+            self.conn.execute(
+                "INSERT INTO conversations (title, model, adapter, adapter_version, settings, system, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                params![r.title, r.model, r.adapter, r.adapter_version, r.settings, r.system, now()],
+            )?;
+            return Ok(self.conn.last_insert_rowid());
+        }
+        let changed = self.conn.execute(
+            "UPDATE conversations SET model = ?2, adapter = ?3, adapter_version = ?4, settings = ?5, system = ?6, updated_at = ?7,
+                 title = CASE WHEN ?8 THEN ?9 ELSE title END WHERE id = ?1",
+            params![r.id, r.model, r.adapter, r.adapter_version, r.settings, r.system, now(), retitle, r.title],
+        )?;
+        if changed == 0 {
+            bail!("conversation {} no longer exists", r.id);
+        }
+        Ok(r.id)
+    }
+
+    pub fn append_message(&self, conversation: i64, m: &MessageRecord) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO messages (conversation, role, content, tokens, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![conversation, m.role, m.content, m.tokens, m.created_at],
+        )?;
+        Ok(())
+    }
+
+    /// Keeps the first `keep` messages of a conversation (a regenerated reply replaces the saved one).
+    pub fn truncate_messages(&self, conversation: i64, keep: usize) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM messages WHERE conversation = ?1 AND id NOT IN (SELECT id FROM messages WHERE conversation = ?1 ORDER BY id LIMIT ?2)",
+            params![conversation, keep as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Every conversation, the most recently updated first.
+    pub fn conversations(&self) -> Result<Vec<ConversationRecord>> {
+        let mut stmt = self.conn.prepare(
+            "SELECT c.id, c.title, c.model, c.adapter, c.adapter_version, c.settings, c.system, c.created_at, c.updated_at,
+                    (SELECT count(*) FROM messages m WHERE m.conversation = c.id)
+             FROM conversations c ORDER BY c.updated_at DESC, c.id DESC",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ConversationRecord {
+                id: r.get(0)?,
+                title: r.get(1)?,
+                model: r.get(2)?,
+                adapter: r.get(3)?,
+                adapter_version: r.get(4)?,
+                settings: r.get(5)?,
+                system: r.get(6)?,
+                created_at: r.get(7)?,
+                updated_at: r.get(8)?,
+                messages: r.get(9)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+    }
+
+    pub fn conversation(&self, id: i64) -> Result<Option<(ConversationRecord, Vec<MessageRecord>)>> {
+        let Some(record) = self.conversations()?.into_iter().find(|c| c.id == id) else { return Ok(None) };
+        let mut stmt = self.conn.prepare("SELECT role, content, tokens, created_at FROM messages WHERE conversation = ?1 ORDER BY id")?;
+        let rows = stmt.query_map(params![id], |r| Ok(MessageRecord { role: r.get(0)?, content: r.get(1)?, tokens: r.get(2)?, created_at: r.get(3)? }))?;
+        Ok(Some((record, rows.collect::<rusqlite::Result<Vec<_>>>()?)))
+    }
+
+    pub fn delete_conversation(&self, id: i64) -> Result<bool> {
+        Ok(self.conn.execute("DELETE FROM conversations WHERE id = ?1", params![id])? == 1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +364,28 @@ mod tests {
         assert_eq!(db.installed_adapter("gemma").unwrap(), Some(state));
         assert!(db.untrust_key("0123456789abcdef").unwrap());
         assert!(db.trusted_keys().unwrap().is_empty());
+    }
+
+    #[test]
+    fn conversations_round_trip_and_cascade() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("edgechat.db")).unwrap();
+        let record = ConversationRecord {
+            id: 0, title: "Paris".into(), model: "m".into(), adapter: "gemma".into(), adapter_version: "0.1.0".into(),
+            settings: "{}".into(), system: Some("Be brief.".into()), created_at: 0, updated_at: 0, messages: 0,
+        };
+        let id = db.save_conversation(&record, false).unwrap();
+        let message = MessageRecord { role: "user".into(), content: "Hi".into(), tokens: Some(2), created_at: 5 };
+        db.append_message(id, &message).unwrap();
+        let (saved, messages) = db.conversation(id).unwrap().unwrap();
+        assert_eq!((saved.title.as_str(), saved.system.as_deref(), saved.messages), ("Paris", Some("Be brief."), 1));
+        assert_eq!(messages, [message]);
+        db.save_conversation(&ConversationRecord { id, title: "Lyon".into(), ..record.clone() }, true).unwrap();
+        assert_eq!(db.conversations().unwrap()[0].title, "Lyon");
+        assert!(db.delete_conversation(id).unwrap());
+        let orphans: i64 = db.conn.query_row("SELECT count(*) FROM messages", [], |r| r.get(0)).unwrap();
+        assert_eq!(orphans, 0, "messages go with their conversation");
+        assert!(db.save_conversation(&ConversationRecord { id, ..record }, false).is_err());
     }
 
     #[test]

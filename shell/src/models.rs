@@ -124,6 +124,19 @@ impl ModelFiles {
         Ok(OpenCheckpoint::new(checkpoint, precision))
     }
 
+    /// The longest sequence the model was trained for: config.json `max_position_embeddings`, or GGUF
+    /// `<arch>.context_length`.
+    pub fn context_length(&self) -> Option<usize> {
+        let config: serde_json::Value = match &self.weights {
+            Weights::Gguf(file) => serde_json::from_str(&GgufCheckpoint::open(file).ok()?.config()).ok()?,
+            Weights::Safetensors(dir) => serde_json::from_str(&crate::paths::read_capped(&dir.join("config.json"), crate::paths::MAX_CONFIG_BYTES).ok()?).ok()?,
+        };
+        let from_gguf = config.get(format!("{}.context_length", self.architecture));
+        let text_config = config.get("text_config").and_then(|t| t.get("max_position_embeddings"));
+        let length = from_gguf.or(config.get("max_position_embeddings")).or(text_config)?.as_u64()?;
+        usize::try_from(length).ok().filter(|&n| n > 0)
+    }
+
     pub fn tokenizer(&self) -> Result<Option<tokenizers::Tokenizer>> {
         self.tokenizer
             .as_ref()

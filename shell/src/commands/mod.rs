@@ -2,7 +2,9 @@
 
 pub mod adapters;
 pub mod bench;
+pub mod chat;
 pub mod doctor;
+pub mod history;
 pub mod import;
 pub mod models;
 pub mod prompt;

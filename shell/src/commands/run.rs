@@ -1,14 +1,15 @@
-//! `edgechat run`: load a model through its adapter and stream a reply; interactive chat when no
-//! prompt is given on a terminal.
+//! `edgechat run`: load a model through its adapter and stream one reply; with no prompt on a terminal,
+//! the same chat as `edgechat chat`.
 
 use crate::shell::Shell;
 use crate::adapter::bindings::exports::edgechat::adapter::prompt::{FormatOptions, GenerationDefaults, Message};
+use crate::chat::Settings;
 use crate::engine::{Cache, Model};
 use crate::generate::{self, Outcome, Request, SamplingParams, Stops};
 use crate::host::weights::Precision;
 use crate::models::{self, ModelFiles};
 use anyhow::{bail, Context, Result};
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tokenizers::Tokenizer;
@@ -57,6 +58,18 @@ static CANCEL: AtomicBool = AtomicBool::new(false);
 static GENERATING: AtomicBool = AtomicBool::new(false);
 
 pub fn run(args: RunArgs) -> Result<()> {
+    if args.prompt.is_none() && args.input_ids.is_none() && std::io::stdin().is_terminal() {
+        let settings = Settings {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            min_p: args.min_p,
+            repetition_penalty: args.repetition_penalty,
+            max_tokens: Some(args.max_tokens),
+            seed: args.seed,
+        };
+        return super::chat::run(super::chat::ChatArgs { model: Some(args.model), resume: None, system: args.system }, settings);
+    }
     let shell = Shell::open()?;
     let files = models::resolve(&shell, &args.model)?;
     let precision = files.precision(args.dtype)?;
@@ -76,24 +89,22 @@ pub fn run(args: RunArgs) -> Result<()> {
         return chat.reply_to_tokens(ids.clone(), &[]);
     }
     let prompt = match &args.prompt {
-        Some(p) => Some(p.clone()),
-        None if std::io::stdin().is_terminal() => None,
-        None => Some(std::io::read_to_string(std::io::stdin()).context("reading the prompt from stdin")?),
+        Some(p) => p.clone(),
+        None => std::io::read_to_string(std::io::stdin()).context("reading the prompt from stdin")?,
     };
     match prompt {
-        Some(prompt) if args.raw => {
+        prompt if args.raw => {
             let tokenizer = tokenizer.as_ref().context("this model has no tokenizer.json: use --input-ids")?;
             let ids = tokenizer.encode(prompt.as_str(), true).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec();
             // Raw text still ends at the family's end-of-text tokens; the adapter names them with any prompt.
             let (stops, _) = chat.format(&[Message { role: "user".into(), content: String::new() }])?;
             chat.reply_to_tokens(ids, &stops)
         }
-        Some(prompt) => {
+        prompt => {
             let mut history = chat.system_messages();
             history.push(Message { role: "user".into(), content: prompt });
             chat.reply(&history).map(|_| ())
         }
-        None => chat.interactive(),
     }
 }
 
@@ -208,32 +219,6 @@ impl Chat<'_> {
         self.cached.truncate(self.model.cache_length(&cache)? as usize);
         self.cache = Some(cache);
         Ok(outcome)
-    }
-
-    fn interactive(&mut self) -> Result<()> {
-        eprintln!("Chatting with {} (Ctrl-C stops a reply, Ctrl-D or Ctrl-C at the prompt quits).", self.args.model);
-        let mut history = self.system_messages();
-        let stdin = std::io::stdin();
-        loop {
-            eprint!("> ");
-            let mut line = String::new();
-            if stdin.lock().read_line(&mut line)? == 0 {
-                eprintln!();
-                return Ok(());
-            }
-            let line = line.trim_end_matches(['\n', '\r']);
-            if line.trim().is_empty() {
-                continue;
-            }
-            history.push(Message { role: "user".into(), content: line.to_owned() });
-            match self.reply(&history) {
-                Ok(text) => history.push(Message { role: "assistant".into(), content: text }),
-                Err(e) => {
-                    history.pop();
-                    eprintln!("error: {e:#}");
-                }
-            }
-        }
     }
 }
 
