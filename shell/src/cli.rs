@@ -57,6 +57,8 @@ enum Command {
     Run(commands::run::RunArgs),
     /// Chat in the terminal: line editing, streamed replies, slash commands, every turn saved.
     Chat(commands::chat::ChatArgs),
+    /// Serve the OpenAI-compatible API: /v1/chat/completions, /v1/completions, /v1/models, /health.
+    Serve(commands::serve::ServeArgs),
     /// Saved conversations: list, show, rm, export.
     History {
         #[command(subcommand)]
@@ -132,6 +134,7 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => commands::run::run(args),
         Command::Chat(args) => commands::chat::run(args, Default::default()),
         Command::History { command, json } => commands::history::run(command, json),
+        Command::Serve(args) => commands::serve::run(args),
         Command::Pull { model, json } => commands::pull::pull(&model, json),
         Command::Rm { model } => commands::rm::run(&model),
         Command::Select { model } => commands::select::run(&model),

@@ -159,7 +159,12 @@ pub const DEFAULT_PRECISION: Precision = Precision::F32;
 
 /// Imported models, sorted by id.
 pub fn imported(shell: &Shell) -> Vec<(PathBuf, Manifest)> {
-    let Ok(entries) = std::fs::read_dir(shell.paths.models()) else { return Vec::new() };
+    on_disk(&shell.paths.models())
+}
+
+/// Every model under `models_dir` with its manifest (imported or pulled), by id.
+pub fn on_disk(models_dir: &Path) -> Vec<(PathBuf, Manifest)> {
+    let Ok(entries) = std::fs::read_dir(models_dir) else { return Vec::new() };
     let mut found: Vec<(PathBuf, Manifest)> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter_map(|dir| {

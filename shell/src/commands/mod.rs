@@ -12,3 +12,4 @@ pub mod pull;
 pub mod rm;
 pub mod run;
 pub mod select;
+pub mod serve;
