@@ -11,6 +11,7 @@ use crate::engine::{Cache, Model};
 use crate::generate::{self, Outcome, Request, SamplingParams, StopReason, Stops};
 use crate::host::weights::Precision;
 use crate::models::ModelFiles;
+use crate::registry::Registry;
 use crate::shell::Shell;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -47,11 +48,11 @@ impl LoadedModel {
     /// Loads a model by id (imported or downloaded) or path, at its recorded precision unless told.
     pub fn load(shell: &Shell, id: &str, precision: Option<Precision>) -> Result<LoadedModel> {
         let files = crate::models::resolve(shell, id)?;
-        Self::from_files(shell, id, &files, precision)
+        Self::from_files(&shell.registry, id, &files, precision)
     }
 
-    pub fn from_files(shell: &Shell, id: &str, files: &ModelFiles, precision: Option<Precision>) -> Result<LoadedModel> {
-        let adapter = shell.registry.for_architecture(&files.architecture)?;
+    pub fn from_files(registry: &Registry, id: &str, files: &ModelFiles, precision: Option<Precision>) -> Result<LoadedModel> {
+        let adapter = registry.for_architecture(&files.architecture)?;
         let tokenizer = files.tokenizer()?.with_context(|| format!("{id} has no tokenizer.json: chat needs one"))?;
         let model = Model::load(adapter, files.open(files.precision(precision)?)?)?;
         Ok(LoadedModel {

@@ -367,6 +367,22 @@ mod tests {
     }
 
     #[test]
+    fn a_database_of_schema_3_gains_conversations_keeping_its_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edgechat.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&MIGRATIONS[..3].join("\n")).unwrap();
+            conn.pragma_update(None, "user_version", 3).unwrap();
+            conn.execute("INSERT INTO trusted_keys (key_id, public_key, added_at) VALUES ('k', 'ab', 1)", []).unwrap();
+        }
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.version().unwrap(), schema_version());
+        assert_eq!(db.trusted_keys().unwrap().len(), 1);
+        assert!(db.conversations().unwrap().is_empty());
+    }
+
+    #[test]
     fn conversations_round_trip_and_cascade() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("edgechat.db")).unwrap();
