@@ -3,7 +3,8 @@
 //! `cargo xtask setup`     installs or locates what the build needs (MLX CPU library on Linux, a wasm32 toolchain)
 //! `cargo xtask adapters`  builds every guest crate to a core module and wraps it as a component in target/adapters
 //! `cargo xtask demo-model` fetches the real Gemma 3 270M and its tokenizer and imports them
-//! `cargo xtask test`      setup + adapters + `cargo test --workspace`: the one command CI and newcomers run
+//! `cargo xtask test`      setup + adapters + `cargo test --workspace` + the server's openai-client tests: the one
+//!                         command CI and newcomers run
 
 mod demo;
 mod guests;
@@ -34,7 +35,15 @@ fn run() -> Result<()> {
             let kit = root.join("adapters/kit/Cargo.toml");
             let kit_target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("kit-native");
             run_checked(Command::new(cargo()).current_dir(&root).arg("test").arg("--manifest-path").arg(&kit).arg("--target-dir").arg(&kit_target))?;
-            run_checked(Command::new(cargo()).current_dir(&root).args(["test", "--workspace"]).args(&args[1..]))
+            run_checked(Command::new(cargo()).current_dir(&root).args(["test", "--workspace"]).args(&args[1..]))?;
+            // The OpenAI-compatible server, through the official openai client, against the built binary.
+            let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+            run_checked(
+                Command::new(setup::venv_python(&root))
+                    .current_dir(&root)
+                    .env("EDGECHAT_BIN", target.join("debug/edgechat"))
+                    .args(["-m", "pytest", "-q", "tests/server"]),
+            )
         }
         _ => {
             eprintln!("usage: cargo xtask <setup | adapters | demo-model | test [cargo test args]>");

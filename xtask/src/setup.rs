@@ -31,7 +31,33 @@ pub fn run(root: &Path) -> Result<()> {
         use_openblas(root)?;
     }
     let toolchain = guests::Toolchain::find_or_install()?;
+    python_env(root)?;
     eprintln!("xtask: setup done; adapters build with {}", toolchain.describe());
+    Ok(())
+}
+
+/// What the server's tests run with: the official `openai` client and pytest, pinned, in a virtual
+/// environment of their own (`.toolchain/venv`).
+const PYTHON_TOOLS: &[&str] = &["openai==3.57.0", "pytest==9.2.0", "httpx==0.28.1"];
+
+pub fn venv_python(root: &Path) -> std::path::PathBuf {
+    root.join(".toolchain/venv/bin/python")
+}
+
+fn python_env(root: &Path) -> Result<()> {
+    let venv = root.join(".toolchain/venv");
+    let marker = venv.join(".installed");
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == PYTHON_TOOLS.join(" ")) {
+        return Ok(());
+    }
+    let python = which("python3").context("python3 is needed for the server's tests (the openai client)")?;
+    let created = Command::new(&python).args(["-m", "venv", "--clear"]).arg(&venv).status().is_ok_and(|s| s.success());
+    if !created {
+        apt_install(&["python3-venv"], "the server's tests run the openai client in a virtual environment")?;
+        run_checked(Command::new(&python).args(["-m", "venv", "--clear"]).arg(&venv))?;
+    }
+    run_checked(Command::new(venv_python(root)).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(PYTHON_TOOLS))?;
+    std::fs::write(&marker, PYTHON_TOOLS.join(" "))?;
     Ok(())
 }
 
