@@ -1,115 +1,17 @@
 //! The generation loop: prefill, sample, stream text, stop.
 //!
-//! Sampling follows transformers' order: repetition penalty, temperature, top-k, top-p, min-p.
+//! Sampling is [`crate::sampler`]'s.
 //! Text is streamed with the tokenizer's incremental decoder (never splitting a UTF-8 character,
 //! SentencePiece spaces handled), and any text that might be the start of a stop string is held back
 //! until it is known not to be one, so no part of a stop string is ever shown.
 
 use crate::engine::{Cache, Model};
+pub use crate::sampler::{argmax, Sampler, SamplingParams};
 use anyhow::Result;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokenizers::Tokenizer;
-
-#[derive(Debug, Clone)]
-pub struct SamplingParams {
-    /// 0 = greedy.
-    pub temperature: f32,
-    /// 0 = off.
-    pub top_k: usize,
-    /// 1 = off.
-    pub top_p: f32,
-    /// 0 = off; keeps tokens with probability >= min_p * the top probability.
-    pub min_p: f32,
-    /// 1 = off.
-    pub repetition_penalty: f32,
-    pub seed: Option<u64>,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: None }
-    }
-}
-
-pub struct Sampler {
-    params: SamplingParams,
-    rng: StdRng,
-}
-
-impl Sampler {
-    pub fn new(params: SamplingParams) -> Self {
-        let rng = match params.seed {
-            Some(seed) => StdRng::seed_from_u64(seed),
-            None => StdRng::from_os_rng(),
-        };
-        Sampler { params, rng }
-    }
-
-    /// Picks the next token from `logits` (modified in place), given the tokens so far.
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
-        let p = &self.params;
-        if p.repetition_penalty != 1.0 {
-            let seen: HashSet<u32> = history.iter().copied().collect();
-            for id in seen {
-                if let Some(l) = logits.get_mut(id as usize) {
-                    *l = if *l > 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
-                }
-            }
-        }
-        if p.temperature <= 0.0 {
-            return argmax(logits);
-        }
-        let mut candidates: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / p.temperature)).collect();
-        candidates.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        if p.top_k > 0 {
-            candidates.truncate(p.top_k);
-        }
-        let max = candidates[0].1;
-        let mut total = 0.0;
-        for c in candidates.iter_mut() {
-            c.1 = (c.1 - max).exp();
-            total += c.1;
-        }
-        for c in candidates.iter_mut() {
-            c.1 /= total;
-        }
-        if p.top_p < 1.0 {
-            let mut cumulative = 0.0;
-            let keep = candidates.iter().position(|c| {
-                cumulative += c.1;
-                cumulative >= p.top_p
-            });
-            candidates.truncate(keep.map_or(candidates.len(), |k| k + 1));
-        }
-        if p.min_p > 0.0 {
-            let floor = candidates[0].1 * p.min_p;
-            candidates.retain(|c| c.1 >= floor);
-        }
-        let total: f32 = candidates.iter().map(|c| c.1).sum();
-        let mut draw = self.rng.random::<f32>() * total;
-        for &(id, prob) in &candidates {
-            draw -= prob;
-            if draw <= 0.0 {
-                return id;
-            }
-        }
-        candidates.last().map_or(0, |c| c.0)
-    }
-}
-
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
 
 /// When to stop: special tokens that end a turn, and strings.
 #[derive(Debug, Clone, Default)]
@@ -367,37 +269,5 @@ mod tests {
         let mut stream = TextStream::new(Some(&tokenizer), &stops.strings);
         assert_eq!(stream.push(4).unwrap(), (" hello".into(), false));
         assert_eq!(stream.push(5).unwrap(), (" ".into(), true));
-    }
-
-    #[test]
-    fn greedy_repetition_penalty_and_filters() {
-        let mut s = Sampler::new(SamplingParams::default());
-        assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[]), 1);
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, ..Default::default() });
-        assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[1]), 2);
-        // top-k 1 at any temperature is greedy.
-        let mut s = Sampler::new(SamplingParams { temperature: 5.0, top_k: 1, seed: Some(1), ..Default::default() });
-        for _ in 0..20 {
-            assert_eq!(s.sample(&mut [0.1, 3.0, 2.9], &[]), 1);
-        }
-        // min-p drops tokens far below the top one; top-p keeps the nucleus.
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, min_p: 0.5, seed: Some(7), ..Default::default() });
-        for _ in 0..50 {
-            assert_ne!(s.sample(&mut [10.0, 9.9, 0.0, -5.0], &[]), 3);
-        }
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, seed: Some(7), ..Default::default() });
-        for _ in 0..50 {
-            assert_eq!(s.sample(&mut [10.0, 1.0, 0.0], &[]), 0);
-        }
-    }
-
-    #[test]
-    fn a_seed_makes_sampling_repeatable() {
-        let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams { temperature: 1.0, seed: Some(seed), ..Default::default() });
-            (0..32).map(|_| s.sample(&mut [1.0, 1.1, 0.9, 1.05], &[])).collect::<Vec<_>>()
-        };
-        assert_eq!(draw(3), draw(3));
-        assert_ne!(draw(3), draw(4));
     }
 }

@@ -18,6 +18,7 @@ pub mod hub;
 pub mod models;
 pub mod paths;
 pub mod registry;
+pub mod sampler;
 pub mod server;
 pub mod shell;
 pub mod text;
