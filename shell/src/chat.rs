@@ -86,6 +86,12 @@ impl LoadedModel {
         Ok(self.format(&[Message { role: "user".into(), content: String::new() }], true)?.stops)
     }
 
+    /// Forgets the cache: the next generation computes its whole prompt.
+    pub fn reset_cache(&mut self) {
+        self.cache = None;
+        self.cached.clear();
+    }
+
     /// Tokens the cache holds now.
     pub fn cached_tokens(&self) -> usize {
         self.cached.len()

@@ -90,6 +90,10 @@ enum Command {
         dtype: Option<crate::host::weights::Precision>,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Instead: time to first token of a second chat turn after this many tokens of history, with
+        /// the cache reused and with a fresh prefill.
+        #[arg(long)]
+        chat_history: Option<usize>,
     },
 }
 
@@ -138,8 +142,9 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Pull { model, json } => commands::pull::pull(&model, json),
         Command::Rm { model } => commands::rm::run(&model),
         Command::Select { model } => commands::select::run(&model),
-        Command::Bench { model, prompt_tokens, gen_tokens, dtype, runs } => {
-            commands::bench::bench(commands::bench::BenchArgs { model, prompt_tokens, gen_tokens, dtype, runs })
-        }
+        Command::Bench { model, prompt_tokens, gen_tokens, dtype, runs, chat_history } => match chat_history {
+            Some(history) => commands::bench::second_turn(&model, history, runs),
+            None => commands::bench::bench(commands::bench::BenchArgs { model, prompt_tokens, gen_tokens, dtype, runs }),
+        },
     }
 }

@@ -7,7 +7,9 @@ use crate::text::human_bytes;
 use crate::generate::argmax;
 use crate::host::weights::Precision;
 use crate::models;
+use crate::chat::{ChatSession, LoadedModel};
 use anyhow::{bail, Result};
+use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 pub struct BenchArgs {
@@ -59,6 +61,48 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     println!("decode           {decode:.2} tokens/s  ({} tokens, median of {})", args.gen_tokens, args.runs);
     println!("graph building   {:.1}% of decode time (adapter + host calls; an upper bound on the WASM boundary's cost)", build * 100.0);
     println!("peak RSS         {}", human_bytes(peak_rss_bytes()));
+    Ok(())
+}
+
+/// Time to the first token of a second chat turn that follows `history` tokens: once reusing the cache
+/// the first turn left (only the new turn is computed), once from a fresh cache (everything again).
+pub fn second_turn(model: &str, history: usize, runs: usize) -> Result<()> {
+    let shell = Shell::open()?;
+    let (mut reused, mut fresh) = (Vec::new(), Vec::new());
+    let mut loaded = Some(LoadedModel::load(&shell, model, None)?);
+    let sentence = "The quick brown fox jumps over the lazy dog while the river keeps flowing. ";
+    let mut first = String::new();
+    while loaded.as_ref().expect("loaded").encode(&first, false)?.len() < history {
+        first.push_str(sentence);
+    }
+    let never = AtomicBool::new(false);
+    for run in 0..=runs.max(1) {
+        let mut session = ChatSession::new(loaded.take().expect("loaded"), None);
+        session.settings.set("temperature", "0")?;
+        session.settings.set("max_tokens", "8")?;
+        session.model.reset_cache();
+        session.send(&first, &never, |_| {})?;
+        session.settings.set("max_tokens", "1")?;
+        let with_cache = session.send("Summarize that in one word.", &never, |_| {})?;
+        // The same prompt again from nothing.
+        let messages = session.messages();
+        session.model.reset_cache();
+        let prepared = session.model.format(&messages[..messages.len() - 1], true)?;
+        let started = Instant::now();
+        session.model.generate(&prepared.ids, &prepared.stops, session.settings.sampling(&prepared.defaults), 1, &never, |_, _| {})?;
+        let without = started.elapsed();
+        if run > 0 {
+            reused.push(with_cache.time_to_first_token.as_secs_f64());
+            fresh.push(without.as_secs_f64());
+        }
+        if run == runs.max(1) {
+            println!("model            {model}");
+            println!("second turn      {} prompt tokens, {} of them from the cache", with_cache.prompt_tokens, with_cache.cached_tokens);
+        }
+        loaded = Some(session.model);
+    }
+    let (reused, fresh) = (median(reused), median(fresh));
+    println!("first token      {:.0} ms with the cache reused, {:.0} ms with a fresh prefill: {:.1}x faster (median of {runs})", reused * 1e3, fresh * 1e3, fresh / reused);
     Ok(())
 }
 

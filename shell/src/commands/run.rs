@@ -207,6 +207,7 @@ impl Chat<'_> {
                     "generated_tokens": outcome.generated.len(),
                     "stop": outcome.stop,
                     "prefill_tokens_per_s": outcome.prefill_tokens_per_s(),
+                    "generation_seconds": (outcome.prefill + outcome.decode).as_secs_f64(),
                     "decode_tokens_per_s": outcome.decode_tokens_per_s(),
                     "peak_rss_bytes": peak_rss_bytes(),
                 })

@@ -114,6 +114,15 @@ impl Worker {
                 }
             })
             .map_err(|e| ApiError::internal(format!("generation failed: {e:#}")))?;
+        tracing::info!(
+            "{}: {} prompt tokens ({} cached), {} generated in {:.0} ms (prefill {:.0} ms)",
+            request.model,
+            outcome.prompt_tokens,
+            outcome.prompt_tokens - outcome.prefilled_tokens,
+            outcome.generated.len(),
+            (outcome.prefill + outcome.decode).as_secs_f64() * 1e3,
+            outcome.prefill.as_secs_f64() * 1e3
+        );
         let finish_reason = if outcome.stop == StopReason::MaxTokens { "length" } else { "stop" };
         let usage = Usage { prompt_tokens: outcome.prompt_tokens, completion_tokens: outcome.generated.len(), cached_tokens: outcome.prompt_tokens - outcome.prefilled_tokens };
         let _ = job.updates.send(Update::Done { text: outcome.text, finish_reason, usage });
