@@ -29,6 +29,10 @@ pub struct LoadedModel {
     pub id: String,
     pub adapter: String,
     pub adapter_version: String,
+    /// "Gemma 3", "LFM2".
+    pub family: String,
+    /// Who made the model, when the catalog knows it ("Google").
+    pub provider: Option<String>,
     pub context_length: usize,
     model: Model,
     tokenizer: Tokenizer,
@@ -48,7 +52,13 @@ impl LoadedModel {
     /// Loads a model by id (imported or downloaded) or path, at its recorded precision unless told.
     pub fn load(shell: &Shell, id: &str, precision: Option<Precision>) -> Result<LoadedModel> {
         let files = crate::models::resolve(shell, id)?;
-        Self::from_files(&shell.registry, id, &files, precision)
+        let mut loaded = Self::from_files(&shell.registry, id, &files, precision)?;
+        // The catalog entry's adapter describes who made the model (a badge in `/show`).
+        if let Some(entry) = shell.catalog.get(id) {
+            let described = shell.registry.get(&entry.adapter).and_then(|a| Ok(a.instantiate()?.describe(&entry.source.to_wit())?));
+            loaded.provider = described.ok().map(|d| d.provider);
+        }
+        Ok(loaded)
     }
 
     pub fn from_files(registry: &Registry, id: &str, files: &ModelFiles, precision: Option<Precision>) -> Result<LoadedModel> {
@@ -59,6 +69,8 @@ impl LoadedModel {
             id: id.to_owned(),
             adapter: adapter.name().to_owned(),
             adapter_version: adapter.info.version.clone(),
+            family: adapter.info.families.join(", "),
+            provider: None,
             context_length: files.context_length().unwrap_or(FALLBACK_CONTEXT),
             model,
             tokenizer,

@@ -227,7 +227,8 @@ impl Chat<'_> {
     fn show(&mut self) -> Result<()> {
         let used = self.session.context_used()?;
         let s = &self.session;
-        println!("model     {} (adapter {} {})", s.model.id, s.model.adapter, s.model.adapter_version);
+        println!("model     {} ({}), adapter {} {}", s.model.id, s.model.family, s.model.adapter, s.model.adapter_version);
+        println!("provider  {}", s.model.provider.as_deref().unwrap_or("(not in the catalog)"));
         println!("context   {used} of {} tokens used; {} cached", s.model.context_length, s.model.cached_tokens());
         println!("system    {}", s.system.as_deref().unwrap_or("(none)"));
         println!("settings  {} (unset: the model family's default)", serde_json::to_string(&s.settings)?);

@@ -56,6 +56,11 @@ impl Worker {
                 continue; // its client is gone
             }
             if let Err(error) = self.handle(&job) {
+                if error.status.is_server_error() {
+                    // The adapter may have been stopped mid-call: load afresh next time.
+                    self.model = None;
+                    self.set_status(None, None);
+                }
                 let _ = job.updates.send(Update::Failed(error));
             }
         }
