@@ -94,6 +94,9 @@ enum Command {
         /// the cache reused and with a fresh prefill.
         #[arg(long)]
         chat_history: Option<usize>,
+        /// One JSON object instead of lines.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -117,6 +120,10 @@ pub fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| tracing::debug!("panic: {info}")));
     let result = std::panic::catch_unwind(|| dispatch(cli.command)).unwrap_or_else(|panic| {
         let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("");
+        // `println!` panics when the reader of stdout has gone (`edgechat models | head`): not a bug.
+        if what.starts_with("failed printing to stdout") {
+            return Err(anyhow::anyhow!("output closed early ({})", what.rsplit(": ").next().unwrap_or(what)));
+        }
         Err(anyhow::anyhow!("internal error (a bug in edgechat, please report it): {what}"))
     });
     match result {
@@ -142,9 +149,9 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Pull { model, json } => commands::pull::pull(&model, json),
         Command::Rm { model } => commands::rm::run(&model),
         Command::Select { model } => commands::select::run(&model),
-        Command::Bench { model, prompt_tokens, gen_tokens, dtype, runs, chat_history } => match chat_history {
+        Command::Bench { model, prompt_tokens, gen_tokens, dtype, runs, chat_history, json } => match chat_history {
             Some(history) => commands::bench::second_turn(&model, history, runs),
-            None => commands::bench::bench(commands::bench::BenchArgs { model, prompt_tokens, gen_tokens, dtype, runs }),
+            None => commands::bench::bench(commands::bench::BenchArgs { model, prompt_tokens, gen_tokens, dtype, runs, json }),
         },
     }
 }

@@ -18,6 +18,7 @@ pub struct BenchArgs {
     pub gen_tokens: usize,
     pub dtype: Option<Precision>,
     pub runs: usize,
+    pub json: bool,
 }
 
 pub fn bench(args: BenchArgs) -> Result<()> {
@@ -55,6 +56,19 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         build.push(built.as_secs_f64() / decode_time.as_secs_f64());
     }
     let (prefill, decode, build) = (median(prefill), median(decode), median(build));
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": args.model, "architecture": files.architecture, "backend": crate::host::tensor::Backend::name(&crate::host::tensor::ActiveBackend::default()),
+                "dtype": format!("{precision:?}").to_lowercase(), "load_seconds": load_time.as_secs_f64(),
+                "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
+                "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
+                "boundary_share": build, "peak_rss_bytes": peak_rss_bytes(),
+            })
+        );
+        return Ok(());
+    }
     println!("model            {} ({}, {:?})", args.model, files.architecture, precision);
     println!("load             {:.2} s", load_time.as_secs_f64());
     println!("prefill          {prefill:.1} tokens/s  ({} tokens, median of {})", args.prompt_tokens, args.runs);

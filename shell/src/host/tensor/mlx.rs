@@ -46,8 +46,13 @@ fn ranges(start: &[i32], stop: &[i32]) -> OpResult<Vec<ArrayIndexOp<'static>>> {
 impl Backend for MlxBackend {
     type Array = Array;
 
+    /// The device MLX actually runs on (asked of MLX, not assumed from the platform).
     fn name(&self) -> String {
-        let device = if cfg!(all(target_os = "macos", target_arch = "aarch64")) { "Metal" } else { "CPU" };
+        let device = match mlx_rs::Device::default().get_type() {
+            Ok(mlx_rs::DeviceType::Gpu) => "GPU, Metal",
+            Ok(mlx_rs::DeviceType::Cpu) => "CPU",
+            Err(_) => "device unknown",
+        };
         format!("MLX ({device})")
     }
 
