@@ -108,7 +108,11 @@ pub fn run(command: AdaptersCommand) -> Result<()> {
             Ok(())
         }
         AdaptersCommand::Keys => {
-            for (id, hex, added) in open_db()?.trusted_keys()? {
+            let keys = open_db()?.trusted_keys()?;
+            if keys.is_empty() {
+                println!("no trusted publisher keys (add one with `edgechat adapters trust KEYFILE.pub`)");
+            }
+            for (id, hex, added) in keys {
                 let when = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_secs(added.max(0) as u64));
                 println!("{id}  edgechat-ed25519 {hex}  trusted {when}");
             }
