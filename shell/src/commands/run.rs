@@ -4,7 +4,7 @@
 use crate::shell::Shell;
 use crate::adapter::bindings::exports::edgechat::adapter::prompt::{FormatOptions, GenerationDefaults, Message};
 use crate::chat::Settings;
-use crate::engine::{Cache, Model};
+use crate::engine::Model;
 use crate::generate::{self, Outcome, Request, SamplingParams, Stops};
 use crate::host::weights::Precision;
 use crate::models::{self, ModelFiles};
@@ -52,6 +52,21 @@ pub struct RunArgs {
     pub json: bool,
 }
 
+impl RunArgs {
+    /// The sampling flags as chat settings (unset: the model family's default).
+    fn settings(&self) -> Settings {
+        Settings {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            max_tokens: Some(self.max_tokens),
+            seed: self.seed,
+        }
+    }
+}
+
 /// Set by Ctrl-C: stops the current generation.
 static CANCEL: AtomicBool = AtomicBool::new(false);
 /// Whether a generation is running; Ctrl-C outside one exits.
@@ -59,16 +74,7 @@ static GENERATING: AtomicBool = AtomicBool::new(false);
 
 pub fn run(args: RunArgs) -> Result<()> {
     if args.prompt.is_none() && args.input_ids.is_none() && std::io::stdin().is_terminal() {
-        let settings = Settings {
-            temperature: args.temperature,
-            top_p: args.top_p,
-            top_k: args.top_k,
-            min_p: args.min_p,
-            repetition_penalty: args.repetition_penalty,
-            max_tokens: Some(args.max_tokens),
-            seed: args.seed,
-        };
-        return super::chat::run(super::chat::ChatArgs { model: Some(args.model), resume: None, system: args.system }, settings);
+        return super::chat::run(super::chat::ChatArgs { model: Some(args.model.clone()), resume: None, system: args.system.clone() }, args.settings());
     }
     let shell = Shell::open()?;
     let files = models::resolve(&shell, &args.model)?;
@@ -83,7 +89,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             std::process::exit(130);
         }
     });
-    let mut chat = Chat { model: &mut model, tokenizer: tokenizer.as_ref(), files: &files, args: &args, cache: None, cached: Vec::new() };
+    let mut chat = Chat { model: &mut model, tokenizer: tokenizer.as_ref(), files: &files, args: &args,  };
 
     if let Some(ids) = &args.input_ids {
         return chat.reply_to_tokens(ids.clone(), &[]);
@@ -119,9 +125,6 @@ struct Chat<'a> {
     tokenizer: Option<&'a Tokenizer>,
     files: &'a ModelFiles,
     args: &'a RunArgs,
-    cache: Option<Cache>,
-    /// Tokens the cache holds.
-    cached: Vec<u32>,
 }
 
 impl Chat<'_> {
@@ -137,16 +140,9 @@ impl Chat<'_> {
     }
 
     fn sampling(&self, defaults: Option<&GenerationDefaults>) -> SamplingParams {
-        let a = self.args;
-        let d = defaults.cloned().unwrap_or(GenerationDefaults { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0 });
-        SamplingParams {
-            temperature: a.temperature.unwrap_or(d.temperature),
-            top_k: a.top_k.unwrap_or(d.top_k as usize),
-            top_p: a.top_p.unwrap_or(d.top_p),
-            min_p: a.min_p.unwrap_or(d.min_p),
-            repetition_penalty: a.repetition_penalty.unwrap_or(d.repetition_penalty),
-            seed: a.seed,
-        }
+        // Raw continuation (no template, so no family defaults) is greedy unless asked otherwise.
+        let greedy = GenerationDefaults { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0 };
+        self.args.settings().sampling(defaults.unwrap_or(&greedy))
     }
 
     /// Chat-formats `history`, generates the assistant's reply and returns its text.
@@ -162,17 +158,11 @@ impl Chat<'_> {
         if ids.is_empty() {
             bail!("nothing to feed the model: the prompt is empty");
         }
-        // Raw continuation is greedy unless asked otherwise.
         self.generate(ids, stops, None).map(|_| ())
     }
 
     fn generate(&mut self, ids: Vec<u32>, stops: &[String], defaults: Option<&GenerationDefaults>) -> Result<Outcome> {
-        let cache = match self.cache.take() {
-            Some(c) => c,
-            None => self.model.new_cache()?,
-        };
-        let mut cache = cache;
-        let cached = generate::reuse_prefix(self.model, &mut cache, &self.cached, &ids)?;
+        let cache = self.model.new_cache()?;
         let stops = Stops::new(stops, self.tokenizer);
         let request = Request {
             prompt: &ids,
@@ -186,7 +176,7 @@ impl Chat<'_> {
         let mut out = std::io::stdout().lock();
         CANCEL.store(false, Ordering::SeqCst);
         GENERATING.store(true, Ordering::SeqCst);
-        let result = generate::generate(self.model, &cache, cached, request, |token, text| {
+        let result = generate::generate(self.model, &cache, 0, request, |token, text| {
             if json {
                 let _ = writeln!(out, "{}", serde_json::json!({ "token": token, "text": text }));
             } else {
@@ -215,10 +205,6 @@ impl Chat<'_> {
         } else {
             writeln!(out)?;
         }
-        self.cached = ids.iter().chain(&outcome.generated).copied().collect();
-        // The cache also holds the prompt and everything generated except the last token.
-        self.cached.truncate(self.model.cache_length(&cache)? as usize);
-        self.cache = Some(cache);
         Ok(outcome)
     }
 }
