@@ -9,6 +9,11 @@ fn edgechat(home: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_edgechat")).args(args).env("EDGECHAT_HOME", home).env_remove("EDGECHAT_LOG").output().unwrap()
 }
 
+/// With development (unsigned) adapters from the data dir enabled.
+fn edgechat_dev(home: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edgechat")).args(args).env("EDGECHAT_HOME", home).env("EDGECHAT_DEV_ADAPTERS", "1").env_remove("EDGECHAT_LOG").output().unwrap()
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8(bytes.to_vec()).unwrap()
 }
@@ -130,12 +135,7 @@ fn adapters_list_shows_origin_and_hash_and_refuses_hostile_installs() {
     std::fs::write(installed.join("sneaky.wasm"), wasi).unwrap();
     let out = edgechat(home.path(), &["adapters", "list"]);
     assert!(text(&out.stdout).contains("sneaky.wasm: unsigned; set EDGECHAT_DEV_ADAPTERS=1"), "{}", text(&out.stdout));
-    let out = Command::new(env!("CARGO_BIN_EXE_edgechat"))
-        .args(["adapters", "list"])
-        .env("EDGECHAT_HOME", home.path())
-        .env("EDGECHAT_DEV_ADAPTERS", "1")
-        .output()
-        .unwrap();
+    let out = edgechat_dev(home.path(), &["adapters", "list"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     let sha = {
@@ -154,12 +154,7 @@ fn a_development_adapter_replaces_the_builtin_one_of_the_same_name() {
     let installed = home.path().join("adapters");
     std::fs::create_dir_all(&installed).unwrap();
     std::fs::copy(common::component("leap"), installed.join("leap.wasm")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_edgechat"))
-        .args(["adapters", "list"])
-        .env("EDGECHAT_HOME", home.path())
-        .env("EDGECHAT_DEV_ADAPTERS", "1")
-        .output()
-        .unwrap();
+    let out = edgechat_dev(home.path(), &["adapters", "list"]);
     let stdout = text(&out.stdout);
     let leap: Vec<&str> = stdout.lines().filter(|l| l.starts_with("leap")).collect();
     assert_eq!(leap.len(), 2, "{stdout}");

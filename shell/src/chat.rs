@@ -93,9 +93,11 @@ impl LoadedModel {
         Ok(self.tokenizer.encode(text, bos).map_err(|e| anyhow::anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
     }
 
-    /// The family's end-of-turn sequences (raw completions stop there too).
-    pub fn stop_sequences(&mut self) -> Result<Vec<String>> {
-        Ok(self.format(&[Message { role: "user".into(), content: String::new() }], true)?.stops)
+    /// Plain text with the tokenizer's BOS, for a raw completion: it stops at the family's end-of-turn
+    /// sequences and samples with its defaults (the adapter names both with any prompt).
+    pub fn prepare_raw(&mut self, text: &str) -> Result<Prepared> {
+        let family = self.format(&[Message { role: "user".into(), content: String::new() }], true)?;
+        Ok(Prepared { ids: self.encode(text, true)?, ..family })
     }
 
     /// Forgets the cache: the next generation computes its whole prompt.

@@ -174,15 +174,14 @@ async fn complete(state: AppState, body: Bytes, chat: bool) -> Result<Response, 
     if stream {
         return Ok(stream_response(envelope, first, received, guard));
     }
-    let mut text = String::new();
+    // Not streamed: the pieces are not needed, the final update carries the whole text.
     let mut update = first;
     loop {
         match update {
-            Update::Text(piece) => text.push_str(&piece),
-            Update::Done { text: full, finish_reason, usage } => {
+            Update::Text(_) => {}
+            Update::Done { text, finish_reason, usage } => {
                 drop(guard);
-                debug_assert_eq!(full, text);
-                return Ok(Json(envelope.complete(&full, finish_reason, &usage)).into_response());
+                return Ok(Json(envelope.complete(&text, finish_reason, &usage)).into_response());
             }
             Update::Failed(error) => return Err(error),
         }

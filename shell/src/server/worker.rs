@@ -3,7 +3,7 @@
 //! what is new. A request whose client went away is skipped, or stopped within one token.
 
 use super::openai::{ApiError, Input, Request, Usage};
-use crate::chat::{LoadedModel, Settings};
+use crate::chat::{LoadedModel, Prepared, Settings};
 use crate::generate::StopReason;
 use crate::shell::Shell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -88,16 +88,11 @@ impl Worker {
         let request = &job.request;
         let model = self.ensure(&request.model)?;
         let refused = |e: anyhow::Error| ApiError::bad_request(crate::text::printable(&format!("{e:#}"), 1000), Some("messages"));
-        let (ids, mut stops, defaults) = match &request.input {
-            Input::Chat(messages) => {
-                let prepared = model.format(messages, true).map_err(refused)?;
-                (prepared.ids, prepared.stops, prepared.defaults)
-            }
-            Input::Text(text) => {
-                let defaults = model.format(&[crate::chat::Message { role: "user".into(), content: String::new() }], true).map_err(refused)?;
-                (model.encode(text, true).map_err(refused)?, defaults.stops, defaults.defaults)
-            }
+        let prepared = match &request.input {
+            Input::Chat(messages) => model.format(messages, true),
+            Input::Text(text) => model.prepare_raw(text),
         };
+        let Prepared { ids, mut stops, defaults } = prepared.map_err(refused)?;
         if ids.is_empty() {
             return Err(ApiError::bad_request("the prompt is empty", Some("prompt")));
         }

@@ -162,7 +162,7 @@ pub fn update(host: &AdapterHost, current: &Current, store: &Store, db: &Db, url
         if (signed.manifest.name.as_str(), signed.manifest.version.as_str()) != (entry.name.as_str(), entry.version.as_str()) {
             bail!("refusing {name} {offered}: the package holds {} {}", signed.manifest.name, signed.manifest.version);
         }
-        match store.install(host, current, &bytes).with_context(|| format!("refusing {name} {offered}"))? {
+        match store.install_verified(host, current, signed, &bytes).with_context(|| format!("refusing {name} {offered}"))? {
             Installed::Switched { name, version, signer, .. } => lines.push(format!("{name}: {from} -> {version} installed (signed by {signer})")),
             Installed::AlreadyActive { name, version } => lines.push(format!("{name}: {version} is up to date")),
         }

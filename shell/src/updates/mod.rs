@@ -80,6 +80,11 @@ impl<'a> Store<'a> {
     /// Verifies a package and makes it the active version of its adapter (see the module comment).
     pub fn install(&self, host: &AdapterHost, current: &Current, bytes: &[u8]) -> Result<Installed> {
         let verified = Package::parse(bytes)?.verify(&self.trusted_keys()?)?;
+        self.install_verified(host, current, verified, bytes)
+    }
+
+    /// [`Store::install`] after the signature and hash are checked; `bytes` is the package as read.
+    pub fn install_verified(&self, host: &AdapterHost, current: &Current, verified: Verified, bytes: &[u8]) -> Result<Installed> {
         let manifest = verified.manifest.clone();
         if !KNOWN_CONTRACTS.contains(&manifest.contract_version.as_str()) {
             bail!("it is built for contract {}; this edgechat supports {}", crate::text::printable(&manifest.contract_version, 20), KNOWN_CONTRACTS.join(", "));
