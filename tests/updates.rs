@@ -183,8 +183,8 @@ fn every_refused_package_leaves_the_active_adapter_untouched() {
     cases.push(("tampered manifest", tampered, "does not verify"));
     cases.push(("untrusted key", std::fs::read(stranger.pack(home, "0.3.0", stranger.dir.path())).unwrap(), "does not trust"));
     cases.push(("downgrade", std::fs::read(publisher.pack(home, "0.1.5", publisher.dir.path())).unwrap(), "use `edgechat adapters rollback gemma`"));
-    cases.push(("unknown contract", crafted(&publisher, &component, |m| m.contract_version = "9.0.0".into()), "contract 9.0.0"));
-    cases.push(("name/version mismatch", crafted(&publisher, &component, |m| m.version = "0.4.0".into()), "but the component says gemma 0.3.0"));
+    cases.push(("unknown contract", crafted(&publisher, &component, |m| m.adapter.contract_version = "9.0.0".into()), "contract 9.0.0"));
+    cases.push(("name/version mismatch", crafted(&publisher, &component, |m| m.adapter.version = "0.4.0".into()), "but the component says gemma 0.3.0"));
     let hostile = std::fs::read(common::component("hostile")).unwrap();
     cases.push(("failed smoke test", crafted(&publisher, &hostile, |_| {}), "fails the conformance smoke test"));
     cases.push(("not a package", b"MZ\x90\0 not a tar".to_vec(), "refusing to install"));

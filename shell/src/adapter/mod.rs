@@ -45,7 +45,7 @@ pub enum CodeSource {
 }
 
 /// What an adapter says about itself (`info.get`), checked against what its component declares.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AdapterInfo {
     pub name: String,
     pub version: String,

@@ -203,16 +203,12 @@ fn pack(component: &Path, key: &Path, out: &Path) -> Result<()> {
     }
     let host = AdapterHost::new(crate::host::Limits::default(), None)?;
     let adapter = host.load_bytes(&bytes, component, crate::adapter::Origin::Development)?;
-    semver_ok(&adapter.info.version)?;
+    crate::updates::parse_version(&adapter.info.version, "the component's")?;
     let manifest = package::PackageManifest::describe(&adapter.info, &bytes);
     let packed = package::Package::build(bytes, &manifest, &key)?;
     std::fs::write(out, packed).with_context(|| format!("writing {}", out.display()))?;
-    println!("{} {} (contract {}) signed by {} -> {}", manifest.name, manifest.version, manifest.contract_version, key.public().id(), out.display());
+    println!("{} {} (contract {}) signed by {} -> {}", manifest.adapter.name, manifest.adapter.version, manifest.adapter.contract_version, key.public().id(), out.display());
     Ok(())
-}
-
-fn semver_ok(version: &str) -> Result<()> {
-    crate::updates::parse_version(version, "the component's").map(|_| ())
 }
 
 fn install(source: &str) -> Result<()> {

@@ -68,7 +68,7 @@ pub fn build(dir: &Path, key: &SecretKey, expires_in: Duration, trusted: &[Publi
         }
         let bytes = std::fs::read(dir.join(&name))?;
         let verified = Package::parse(&bytes).and_then(|p| p.verify(&keys)).with_context(|| format!("package {name}"))?;
-        let m = verified.manifest;
+        let m = verified.manifest.adapter;
         adapters.push(Entry { name: m.name, version: m.version, contract_version: m.contract_version, url: name, sha256: hex::encode(Sha256::digest(&bytes)), size: bytes.len() as u64 });
     }
     if adapters.is_empty() {
@@ -159,8 +159,8 @@ pub fn update(host: &AdapterHost, current: &Current, store: &Store, db: &Db, url
             bail!("{name} {offered}: the package does not match the index's sha256 and size (altered in transit or on the server)");
         }
         let signed = Package::parse(&bytes).and_then(|p| p.verify(&store.trusted_keys()?)).with_context(|| format!("refusing {name} {offered}"))?;
-        if (signed.manifest.name.as_str(), signed.manifest.version.as_str()) != (entry.name.as_str(), entry.version.as_str()) {
-            bail!("refusing {name} {offered}: the package holds {} {}", signed.manifest.name, signed.manifest.version);
+        if (signed.manifest.adapter.name.as_str(), signed.manifest.adapter.version.as_str()) != (entry.name.as_str(), entry.version.as_str()) {
+            bail!("refusing {name} {offered}: the package holds {} {}", signed.manifest.adapter.name, signed.manifest.adapter.version);
         }
         match store.install_verified(host, current, signed, &bytes).with_context(|| format!("refusing {name} {offered}"))? {
             Installed::Switched { name, version, signer, .. } => lines.push(format!("{name}: {from} -> {version} installed (signed by {signer})")),

@@ -67,8 +67,8 @@ impl<'a> Store<'a> {
         let path = self.package_path(name, version);
         let bytes = read_package(&path)?;
         let verified = Package::parse(&bytes)?.verify(&self.trusted_keys()?)?;
-        if (verified.manifest.name.as_str(), verified.manifest.version.as_str()) != (name, version) {
-            bail!("the package file holds {} {}, not {name} {version}", verified.manifest.name, verified.manifest.version);
+        if (verified.manifest.adapter.name.as_str(), verified.manifest.adapter.version.as_str()) != (name, version) {
+            bail!("the package file holds {} {}, not {name} {version}", verified.manifest.adapter.name, verified.manifest.adapter.version);
         }
         load_verified(host, verified, &path)
     }
@@ -85,7 +85,7 @@ impl<'a> Store<'a> {
 
     /// [`Store::install`] after the signature and hash are checked; `bytes` is the package as read.
     pub fn install_verified(&self, host: &AdapterHost, current: &Current, verified: Verified, bytes: &[u8]) -> Result<Installed> {
-        let manifest = verified.manifest.clone();
+        let manifest = verified.manifest.adapter.clone();
         if !KNOWN_CONTRACTS.contains(&manifest.contract_version.as_str()) {
             bail!("it is built for contract {}; this edgechat supports {}", crate::text::printable(&manifest.contract_version, 20), KNOWN_CONTRACTS.join(", "));
         }

@@ -20,42 +20,28 @@ const MAX_MANIFEST_BYTES: u64 = 64 << 10;
 pub const MAX_COMPONENT_BYTES: u64 = 128 << 20;
 pub const MAX_PACKAGE_BYTES: u64 = MAX_COMPONENT_BYTES + MAX_MANIFEST_BYTES + (16 << 10);
 
-/// What a publisher signs about a component.
+/// What a publisher signs about a component: what the component says about itself (its `info`) and
+/// the hash and size of its bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PackageManifest {
-    pub name: String,
-    pub version: String,
-    pub contract_version: String,
-    pub families: Vec<String>,
-    pub architectures: Vec<String>,
-    pub allowed_hosts: Vec<String>,
+    #[serde(flatten)]
+    pub adapter: AdapterInfo,
     pub component_sha256: String,
     pub component_size: u64,
 }
 
 impl PackageManifest {
     pub fn describe(info: &AdapterInfo, component: &[u8]) -> PackageManifest {
-        PackageManifest {
-            name: info.name.clone(),
-            version: info.version.clone(),
-            contract_version: info.contract_version.clone(),
-            families: info.families.clone(),
-            architectures: info.architectures.clone(),
-            allowed_hosts: info.allowed_hosts.clone(),
-            component_sha256: hex::encode(Sha256::digest(component)),
-            component_size: component.len() as u64,
-        }
+        PackageManifest { adapter: info.clone(), component_sha256: hex::encode(Sha256::digest(component)), component_size: component.len() as u64 }
     }
 
     /// Refuses a component whose own `info` differs from what was signed.
     pub fn check_matches(&self, info: &AdapterInfo) -> Result<()> {
-        let claimed = (&self.name, &self.version, &self.contract_version, &self.architectures, &self.allowed_hosts);
-        let actual = (&info.name, &info.version, &info.contract_version, &info.architectures, &info.allowed_hosts);
-        if claimed != actual {
+        let signed = &self.adapter;
+        if signed != info {
             bail!(
-                "the signed manifest says {} {} (contract {}) but the component says {} {} (contract {}), or their architectures or hosts differ",
-                self.name, self.version, self.contract_version, info.name, info.version, info.contract_version
+                "the signed manifest says {} {} (contract {}) but the component says {} {} (contract {}), or their families, architectures or hosts differ",
+                signed.name, signed.version, signed.contract_version, info.name, info.version, info.contract_version
             );
         }
         Ok(())
