@@ -64,8 +64,13 @@ impl Listed {
         }
     }
 
+    /// A component listed without being loaded: refused, or kept for rollback.
+    fn unloaded(name: String, version: Option<String>, origin: Origin, path: &Path, state: State) -> Listed {
+        Listed { name, version, contract: None, families: Vec::new(), origin, path: path.to_owned(), sha256: None, state }
+    }
+
     fn refused(name: String, version: Option<String>, origin: Origin, path: &Path, reason: String) -> Listed {
-        Listed { name, version, contract: None, families: Vec::new(), origin, path: path.to_owned(), sha256: None, state: State::Refused(reason) }
+        Self::unloaded(name, version, origin, path, State::Refused(reason))
     }
 }
 
@@ -79,7 +84,9 @@ impl Registry {
         for path in wasm_files(&paths.user_adapters()) {
             let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             found.push(if dev_adapters_enabled() {
-                host.load_bytes(&std::fs::read(&path).unwrap_or_default(), &path, Origin::Development)
+                std::fs::read(&path)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|bytes| host.load_bytes(&bytes, &path, Origin::Development))
                     .map_err(|e| Listed::refused(file_name, None, Origin::Development, &path, format!("{e:#}")))
             } else {
                 Err(Listed::refused(
@@ -114,9 +121,7 @@ impl Registry {
             }
             if let Some(previous) = state.previous.as_ref().filter(|v| store.package_path(&state.name, v).exists()) {
                 let path = store.package_path(&state.name, previous);
-                let mut listed = Listed::refused(state.name.clone(), Some(previous.clone()), Origin::Installed { signer: "unverified".into() }, &path, String::new());
-                listed.state = State::Kept;
-                kept.push(listed);
+                kept.push(Listed::unloaded(state.name.clone(), Some(previous.clone()), Origin::Installed { signer: "unverified".into() }, &path, State::Kept));
             }
         }
         kept
