@@ -8,6 +8,10 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "edgechat", version, about = "On-device chat with small language models")]
 pub struct Cli {
+    /// The tensor backend: `cpu` (ggml) or `mlx`. Default: EDGECHAT_BACKEND, else mlx on Apple Silicon
+    /// (Metal) and cpu elsewhere.
+    #[arg(long, global = true, value_name = "cpu|mlx")]
+    backend: Option<crate::host::tensor::BackendKind>,
     #[command(subcommand)]
     command: Command,
 }
@@ -118,6 +122,15 @@ pub fn main() -> ExitCode {
     // with one line, never exit code 101 and a backtrace prompt. Panics inside adapter calls are already
     // contained per call; this covers the shell's own code outside them.
     std::panic::set_hook(Box::new(|info| tracing::debug!("panic: {info}")));
+    let backend = match cli.backend.map(Ok).or_else(|| crate::host::tensor::active::from_env().transpose()) {
+        Some(Ok(kind)) => kind,
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+        None => crate::host::tensor::BackendKind::platform_default(),
+    };
+    crate::host::tensor::active::choose(backend);
     let result = std::panic::catch_unwind(|| dispatch(cli.command)).unwrap_or_else(|panic| {
         let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("");
         // `println!` panics when the reader of stdout has gone (`edgechat models | head`): not a bug.

@@ -60,7 +60,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         println!(
             "{}",
             serde_json::json!({
-                "model": args.model, "architecture": files.architecture, "backend": crate::host::tensor::Backend::name(&crate::host::tensor::ActiveBackend::default()),
+                "model": args.model, "architecture": files.architecture, "backend": crate::host::tensor::active::chosen().name(), "engine": crate::host::tensor::Backend::name(&crate::host::tensor::ActiveBackend::default()),
                 "dtype": format!("{precision:?}").to_lowercase(), "load_seconds": load_time.as_secs_f64(),
                 "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
                 "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,

@@ -246,6 +246,8 @@ impl Backend for MlxBackend {
 
     fn read_f32(&self, a: &Array) -> OpResult<Vec<f32>> {
         let a = if a.dtype() == Dtype::Float32 { a.clone() } else { a.as_dtype(Dtype::Float32).map_err(err)? };
+        // A view (slice, transpose) is read through a row-major copy.
+        let a = a.contiguous().map_err(err)?;
         a.eval().map_err(err)?;
         a.try_as_slice::<f32>().map(<[f32]>::to_vec).map_err(err)
     }

@@ -1,19 +1,22 @@
 //! The `tensor` import: lazy array operations the adapters call to build model graphs.
 //!
-//! Everything backend-specific sits behind [`Backend`]; [`mlx`] is the one backend today. This module
+//! Everything backend-specific sits behind [`Backend`]: [`cpu`] (ggml) and [`mlx`], one chosen per
+//! process by [`active`]. This module
 //! owns what the sandbox needs regardless of backend: handles in the store's `ResourceTable`, caps on
 //! live handles and their bytes, and [`checks`]: every op's shapes are validated and its result (and
 //! largest intermediate) charged to the byte cap before the backend records it; gather indices are
 //! checked against the axis they index, since MLX's CPU gather does not bounds-check.
 
+pub mod active;
 pub mod checks;
+pub mod cpu;
 pub mod mlx;
 
 use crate::adapter::bindings::edgechat::adapter::tensor as wit;
 use crate::host::HostState;
 use wasmtime::component::Resource;
 
-pub use mlx::MlxBackend as ActiveBackend;
+pub use active::{ActiveBackend, BackendKind};
 pub type BackendArray = <ActiveBackend as Backend>::Array;
 
 /// Element types crossing the contract.

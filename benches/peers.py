@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""edgechat against llama.cpp, in one sitting, on the same GGUF and the same threads.
+
+Builds llama.cpp's `llama-bench` from the sources llama-cpp-sys-2 vendors (the very ggml edgechat's cpu
+backend links, pinned by Cargo.lock), then runs it and `edgechat bench` on both backends with 512 prompt
+and 128 generated tokens, 3 runs each, and prints a markdown table (tokens/s, ratios to llama.cpp, peak
+RSS, the adapter's share of decode time). Standard library only.
+
+    python3 benches/peers.py [MODEL_ID]      # default gemma-3-270m (`cargo xtask demo-model`)
+
+EDGECHAT_THREADS sets the threads for both (default: every core). The edgechat binary is built in
+release mode first.
+"""
+
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PROMPT, GEN, RUNS = 512, 128, 3
+
+
+def run(cmd, **kw):
+    print("$", " ".join(str(c) for c in cmd), file=sys.stderr)
+    return subprocess.run(cmd, check=True, text=True, **kw)
+
+
+def peak_rss_of(cmd, env=None):
+    """Runs cmd, returns (stdout, its peak RSS in bytes)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    out = run(cmd, stdout=subprocess.PIPE, env=env).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # ru_maxrss of children is the largest of any child so far; it is only attributable when it grew.
+    return out, after * 1024 if after > before else None
+
+
+def llama_cpp_sources():
+    meta = json.loads(run(["cargo", "metadata", "--format-version", "1"], cwd=ROOT, stdout=subprocess.PIPE).stdout)
+    package = next(p for p in meta["packages"] if p["name"] == "llama-cpp-sys-2")
+    return package["version"], pathlib.Path(package["manifest_path"]).parent / "llama.cpp"
+
+
+def build_llama_bench(threads):
+    version, src = llama_cpp_sources()
+    build = ROOT / "target" / "peers" / f"llama.cpp-{version}"
+    binary = build / "bin" / "llama-bench"
+    if not binary.exists():
+        started = time.time()
+        # The cmake variables edgechat's build sets for MLX must not reach this build.
+        env = {k: v for k, v in os.environ.items() if k not in ("CMAKE_TOOLCHAIN_FILE", "CPATH", "BINDGEN_EXTRA_CLANG_ARGS")}
+        run(["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DGGML_OPENMP=OFF",
+             "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+             "-DLLAMA_BUILD_TOOLS=ON"], env=env, stdout=subprocess.DEVNULL)
+        run(["cmake", "--build", build, "--target", "llama-bench", "-j", str(threads)], env=env, stdout=subprocess.DEVNULL)
+        print(f"built llama-bench {version} in {time.time() - started:.0f} s", file=sys.stderr)
+    return version, binary
+
+
+def edgechat_bench(binary, model, backend, threads):
+    env = dict(os.environ, EDGECHAT_THREADS=str(threads))
+    out, rss = peak_rss_of([binary, "--backend", backend, "bench", model, "--prompt-tokens", str(PROMPT),
+                                "--gen-tokens", str(GEN), "--runs", str(RUNS), "--json"], env)
+    return json.loads(out.strip().splitlines()[-1]), rss
+
+
+def main():
+    model = sys.argv[1] if len(sys.argv) > 1 else "gemma-3-270m"
+    threads = int(os.environ.get("EDGECHAT_THREADS") or os.cpu_count())
+    version, llama_bench = build_llama_bench(threads)
+    run(["cargo", "build", "--release", "--quiet", "-p", "edgechat"], cwd=ROOT)
+    edgechat = ROOT / "target" / "release" / "edgechat"
+    data = pathlib.Path(os.environ.get("EDGECHAT_HOME") or pathlib.Path.home() / ".local/share/edgechat")
+    gguf = data / "Models" / model / "model.gguf"
+    if not gguf.exists():
+        sys.exit(f"{gguf} not found: import the model first (cargo xtask demo-model)")
+
+    rows = []
+    out, rss = peak_rss_of([llama_bench, "-m", gguf, "-t", str(threads), "-p", str(PROMPT), "-n", str(GEN),
+                            "-r", str(RUNS), "-o", "json"])
+    results = json.loads(out)
+    speed = {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in results}
+    rows.append(("llama.cpp " + version, speed["pp"], speed["tg"], rss, None))
+    for backend in ("cpu", "mlx"):
+        result, rss = edgechat_bench(edgechat, model, backend, threads)
+        label = f"edgechat {backend} ({result['dtype']})"
+        rows.append((label, result["prefill_tokens_per_s"], result["decode_tokens_per_s"], result.get("peak_rss_bytes") or rss,
+                     result["boundary_share"]))
+
+    weights = gguf.stat().st_size
+    base_pp, base_tg = rows[0][1], rows[0][2]
+    print(f"\n{model} ({gguf.name}, {weights / 1e6:.0f} MB), {threads} threads, {PROMPT} prompt + {GEN} generated tokens, "
+          f"{RUNS} runs, {time.strftime('%Y-%m-%d')}\n")
+    print("| engine | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp | peak RSS | RSS / GGUF bytes | graph building share of decode |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, pp, tg, rss, share in rows:
+        rss_text = f"{rss / 2**20:.0f} MiB" if rss else "n/a"
+        ratio = f"{rss / weights:.2f}x" if rss else "n/a"
+        share_text = f"{share * 100:.1f} %" if share is not None else "-"
+        print(f"| {label} | {pp:.1f} | {tg:.1f} | {pp / base_pp:.2f}x | {tg / base_tg:.2f}x | {rss_text} | {ratio} | {share_text} |")
+
+
+if __name__ == "__main__":
+    main()

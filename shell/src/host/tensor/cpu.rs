@@ -1,0 +1,507 @@
+//! The CPU backend: ggml, llama.cpp's tensor library (the same kernels and thread pool as the llama.cpp
+//! users compare us with). Every ggml call in the shell lives in this file and [`lower`].
+//!
+//! The contract's arrays are lazy and individually owned; a ggml context is an arena that is built,
+//! computed and thrown away. So an [`Array`] is a node of our own graph — data, or an op over other
+//! arrays — and `eval` lowers the pending part of the graph into a fresh ggml graph, computes it on one
+//! process-wide thread pool, and turns every node that is still referenced from outside into data (as MLX
+//! detaches evaluated arrays). Weights and other data are never copied into ggml: its tensors point at
+//! our buffers. ggml aborts the process on a type or shape it does not support, so each op's inputs are
+//! brought to the types and layouts its kernel takes (f32 activations, contiguous rows) by [`lower`],
+//! never by the adapter.
+
+mod lower;
+
+use super::{checks, Backend, DType, Mask, OpResult, Rope};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+/// A node of the lazy graph. Shape and dtype are fixed when it is recorded.
+#[derive(Clone)]
+pub struct Array(Arc<Node>);
+
+pub struct Node {
+    shape: Vec<i32>,
+    dtype: DType,
+    state: Mutex<State>,
+    /// A float form of an MLX-quantized weight, made on its first use in a product.
+    dequantized: OnceLock<Array>,
+}
+
+enum State {
+    Ready(Arc<Buffer>),
+    Pending(Op, Vec<Array>),
+}
+
+/// How a pending node is computed from its inputs.
+#[derive(Clone, Debug)]
+enum Op {
+    MatMul,
+    Add,
+    Subtract,
+    Multiply,
+    Divide,
+    Scale(f32),
+    AddScalar(f32),
+    Tanh,
+    Sigmoid,
+    Silu,
+    GeluTanh,
+    Cast,
+    Reshape,
+    /// numpy axes.
+    Transpose(Vec<i32>),
+    /// Normalized (start, length) per axis.
+    Slice(Vec<(i64, i64)>),
+    SliceUpdate(Vec<(i64, i64)>),
+    Concat(usize),
+    TakeRows,
+    Softmax(usize),
+    RmsNorm(f32),
+    Rope(Rope),
+    /// Inputs q, k, v (and the mask, when it is an array).
+    Attention { scale: f32, mask: AttentionMask },
+    Conv1dDepthwise,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum AttentionMask {
+    None,
+    Causal,
+    SlidingWindow { window: i64, query_offset: i64, key_offset: i64 },
+    Explicit,
+}
+
+/// Element bytes, 64-byte aligned (SIMD loads, and ggml's own alignment for its buffers).
+pub struct Buffer {
+    chunks: Vec<Chunk>,
+    len: usize,
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Chunk([u8; 64]);
+
+impl Buffer {
+    fn zeroed(len: usize) -> Buffer {
+        Buffer { chunks: vec![Chunk([0; 64]); len.div_ceil(64)], len }
+    }
+
+    fn from_bytes(bytes: &[u8]) -> Buffer {
+        let mut b = Buffer::zeroed(bytes.len());
+        b.bytes_mut().copy_from_slice(bytes);
+        b
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: `chunks` holds at least `len` initialized bytes; Chunk is plain bytes.
+        unsafe { std::slice::from_raw_parts(self.chunks.as_ptr().cast::<u8>(), self.len) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold the only reference.
+        unsafe { std::slice::from_raw_parts_mut(self.chunks.as_mut_ptr().cast::<u8>(), self.len) }
+    }
+
+    fn ptr(&self) -> *mut std::ffi::c_void {
+        self.chunks.as_ptr() as *mut std::ffi::c_void
+    }
+}
+
+impl Array {
+    fn ready(shape: Vec<i32>, dtype: DType, buffer: Buffer) -> Array {
+        Array(Arc::new(Node { shape, dtype, state: Mutex::new(State::Ready(Arc::new(buffer))), dequantized: OnceLock::new() }))
+    }
+
+    fn pending(shape: Vec<i32>, dtype: DType, op: Op, inputs: Vec<Array>) -> Array {
+        Array(Arc::new(Node { shape, dtype, state: Mutex::new(State::Pending(op, inputs)), dequantized: OnceLock::new() }))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.0.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The data, if this array has been computed.
+    fn buffer(&self) -> Option<Arc<Buffer>> {
+        match &*self.state() {
+            State::Ready(b) => Some(b.clone()),
+            State::Pending(..) => None,
+        }
+    }
+
+    fn elements(&self) -> usize {
+        self.0.shape.iter().map(|&d| d as usize).product()
+    }
+}
+
+/// Long chains of nodes (an adapter may record millions) are released without recursion.
+impl Drop for Node {
+    fn drop(&mut self) {
+        let mut stack = match self.state.get_mut().map(|s| std::mem::replace(s, State::Ready(Arc::new(Buffer::zeroed(0))))) {
+            Ok(State::Pending(_, inputs)) => inputs,
+            _ => return,
+        };
+        while let Some(Array(node)) = stack.pop() {
+            if let Some(mut node) = Arc::into_inner(node) {
+                if let Ok(State::Pending(_, inputs)) = node.state.get_mut().map(|s| std::mem::replace(s, State::Ready(Arc::new(Buffer::zeroed(0))))) {
+                    stack.extend(inputs);
+                }
+            }
+        }
+    }
+}
+
+fn values_fill(len: usize, shape: &[i32]) -> OpResult<()> {
+    let n = checks::elements(shape)?;
+    if n != len as u64 {
+        return Err(format!("{len} values do not fill shape {shape:?}"));
+    }
+    Ok(())
+}
+
+/// The CPU backend. Arrays are shared freely; computing goes through one process-wide [`lower::Runner`].
+#[derive(Default)]
+pub struct CpuBackend;
+
+/// numpy-style normalized ranges: negative bounds count from the end, then clamp to the axis.
+fn ranges(shape: &[i32], start: &[i32], stop: &[i32]) -> OpResult<Vec<(i64, i64)>> {
+    if start.len() != stop.len() || start.len() > shape.len() {
+        return Err(format!("slice: start {start:?} and stop {stop:?} do not fit shape {shape:?}"));
+    }
+    Ok(shape
+        .iter()
+        .enumerate()
+        .map(|(axis, &dim)| {
+            let dim = dim as i64;
+            let norm = |v: i32| if v < 0 { (v as i64 + dim).max(0) } else { (v as i64).min(dim) };
+            match (start.get(axis), stop.get(axis)) {
+                (Some(&a), Some(&b)) => (norm(a), (norm(b) - norm(a)).max(0)),
+                _ => (0, dim),
+            }
+        })
+        .collect())
+}
+
+fn float(d: DType) -> bool {
+    matches!(d, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// Converts computed data between element types, in Rust (for the integer types ggml cannot cast).
+fn convert(bytes: &[u8], from: DType, to: DType) -> Buffer {
+    let values = to_f64(bytes, from);
+    let mut out = Buffer::zeroed(values.len() * to.size());
+    for (chunk, v) in out.bytes_mut().chunks_exact_mut(to.size()).zip(values) {
+        match to {
+            DType::F32 => chunk.copy_from_slice(&(v as f32).to_le_bytes()),
+            DType::F16 => chunk.copy_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+            DType::BF16 => chunk.copy_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+            DType::I32 => chunk.copy_from_slice(&(v as i32).to_le_bytes()),
+            DType::U32 => chunk.copy_from_slice(&(v as u32).to_le_bytes()),
+            DType::U8 => chunk[0] = v as u8,
+        }
+    }
+    out
+}
+
+fn to_f64(bytes: &[u8], dtype: DType) -> Vec<f64> {
+    let u16s = || bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+    let u32s = || bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    match dtype {
+        DType::F32 => u32s().map(|v| f32::from_bits(v) as f64).collect(),
+        DType::F16 => u16s().map(|v| half::f16::from_bits(v).to_f64()).collect(),
+        DType::BF16 => u16s().map(|v| half::bf16::from_bits(v).to_f64()).collect(),
+        DType::I32 => u32s().map(|v| v as i32 as f64).collect(),
+        DType::U32 => u32s().map(|v| v as f64).collect(),
+        DType::U8 => bytes.iter().map(|&v| v as f64).collect(),
+    }
+}
+
+impl CpuBackend {
+    /// Computes `a` if needed and returns its data.
+    fn computed(&self, a: &Array) -> OpResult<Arc<Buffer>> {
+        if let Some(b) = a.buffer() {
+            return Ok(b);
+        }
+        lower::evaluate(&[a])?;
+        a.buffer().ok_or_else(|| "the CPU backend did not compute an array it was asked for".to_owned())
+    }
+
+    fn elementwise(&self, op: Op, a: &Array, b: &Array) -> OpResult<Array> {
+        let shape = checks::broadcast("elementwise op", &a.0.shape, &b.0.shape)?;
+        Ok(Array::pending(shape, DType::F32, op, vec![a.clone(), b.clone()]))
+    }
+
+    fn unary(&self, op: Op, a: &Array) -> OpResult<Array> {
+        Ok(Array::pending(a.0.shape.clone(), DType::F32, op, vec![a.clone()]))
+    }
+
+    /// MLX affine dequantization, in Rust: each `bits`-bit value q of a group becomes scale * q + bias.
+    fn dequantize_now(&self, w: &Array, scales: &Array, biases: &Array, group_size: i32, bits: i32) -> OpResult<Array> {
+        if !matches!(bits, 2 | 4 | 8) {
+            return Err(format!("the cpu backend dequantizes 2, 4 and 8-bit MLX weights, not {bits}-bit"));
+        }
+        let (words, scale_values, bias_values) = (self.computed(w)?, self.computed(scales)?, self.computed(biases)?);
+        let (scale_values, bias_values) = (to_f64(scale_values.bytes(), scales.0.dtype), to_f64(bias_values.bytes(), biases.0.dtype));
+        let per_word = 32 / bits as usize;
+        let columns = *w.0.shape.last().ok_or("dequantize: a scalar weight")? as usize * per_word;
+        let rows = w.elements() * per_word / columns.max(1);
+        let groups = columns / group_size as usize;
+        let mut out = Buffer::zeroed(rows * columns * 4);
+        let words: Vec<u32> = words.bytes().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let mask = (1u64 << bits) as u32 - 1;
+        for (i, chunk) in out.bytes_mut().chunks_exact_mut(4).enumerate() {
+            let (row, column) = (i / columns, i % columns);
+            let q = (words[row * (columns / per_word) + column / per_word] >> ((column % per_word) * bits as usize)) & mask;
+            let g = row * groups + column / group_size as usize;
+            chunk.copy_from_slice(&((scale_values[g] * q as f64 + bias_values[g]) as f32).to_le_bytes());
+        }
+        let mut shape = w.0.shape.clone();
+        *shape.last_mut().expect("checked above") = columns as i32;
+        Ok(Array::ready(shape, DType::F32, out))
+    }
+}
+
+impl Backend for CpuBackend {
+    type Array = Array;
+
+    fn name(&self) -> String {
+        format!("ggml (CPU, {} threads)", lower::threads())
+    }
+
+    fn from_f32(&self, data: &[f32], shape: &[i32]) -> OpResult<Array> {
+        values_fill(data.len(), shape)?;
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Ok(Array::ready(shape.to_vec(), DType::F32, Buffer::from_bytes(&bytes)))
+    }
+
+    fn from_i32(&self, data: &[i32], shape: &[i32]) -> OpResult<Array> {
+        values_fill(data.len(), shape)?;
+        let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Ok(Array::ready(shape.to_vec(), DType::I32, Buffer::from_bytes(&bytes)))
+    }
+
+    fn from_bytes(&self, dtype: DType, bytes: &[u8], shape: &[i32]) -> OpResult<Array> {
+        if bytes.len() % dtype.size() != 0 {
+            return Err(format!("{} bytes are not a whole number of {dtype:?} elements", bytes.len()));
+        }
+        values_fill(bytes.len() / dtype.size(), shape)?;
+        Ok(Array::ready(shape.to_vec(), dtype, Buffer::from_bytes(bytes)))
+    }
+
+    fn shape(&self, a: &Array) -> Vec<i32> {
+        a.0.shape.clone()
+    }
+
+    fn dtype(&self, a: &Array) -> DType {
+        a.0.dtype
+    }
+
+    fn matmul(&self, a: &Array, b: &Array) -> OpResult<Array> {
+        let shape = checks::matmul(&a.0.shape, &b.0.shape)?;
+        Ok(Array::pending(shape, DType::F32, Op::MatMul, vec![a.clone(), b.clone()]))
+    }
+
+    fn quantized_matmul(&self, x: &Array, w: &Array, scales: &Array, biases: &Array, transpose: bool, group_size: i32, bits: i32) -> OpResult<Array> {
+        let dense = match w.0.dequantized.get() {
+            Some(d) => d.clone(),
+            None => {
+                let d = self.dequantize_now(w, scales, biases, group_size, bits)?;
+                w.0.dequantized.get_or_init(|| d).clone()
+            }
+        };
+        let dense = if transpose { self.transpose(&dense, &[1, 0])? } else { dense };
+        self.matmul(x, &dense)
+    }
+
+    fn dequantize(&self, w: &Array, scales: &Array, biases: &Array, group_size: i32, bits: i32) -> OpResult<Array> {
+        self.dequantize_now(w, scales, biases, group_size, bits)
+    }
+
+    /// MLX affine quantization (min/max per group), in Rust, so `--dtype q4/q8` means the same on both backends.
+    fn quantize(&self, w: &Array, group_size: i32, bits: i32) -> OpResult<(Array, Array, Array)> {
+        if !matches!(bits, 2 | 4 | 8) || w.0.shape.len() != 2 || w.0.shape[1] % group_size != 0 {
+            return Err(format!("quantize: {bits}-bit groups of {group_size} do not fit {:?}", w.0.shape));
+        }
+        let values = to_f64(self.computed(w)?.bytes(), w.0.dtype);
+        let (rows, columns, group) = (w.0.shape[0] as usize, w.0.shape[1] as usize, group_size as usize);
+        let levels = ((1u32 << bits) - 1) as f64;
+        let per_word = 32 / bits as usize;
+        let mut words = vec![0u32; rows * columns / per_word];
+        let (mut scales, mut biases) = (Vec::with_capacity(rows * columns / group), Vec::with_capacity(rows * columns / group));
+        for (g, chunk) in values.chunks(group).enumerate() {
+            let (low, high) = chunk.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(l, h), &v| (l.min(v), h.max(v)));
+            let scale = ((high - low) / levels).max(1e-12);
+            for (j, &v) in chunk.iter().enumerate() {
+                let q = ((v - low) / scale).round().clamp(0.0, levels) as u32;
+                let i = g * group + j;
+                words[i / per_word] |= q << ((i % per_word) * bits as usize);
+            }
+            scales.push(scale as f32);
+            biases.push(low as f32);
+        }
+        let word_bytes: Vec<u8> = words.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let shape = [rows as i32, (columns / group) as i32];
+        Ok((
+            Array::ready(vec![rows as i32, (columns / per_word) as i32], DType::U32, Buffer::from_bytes(&word_bytes)),
+            self.from_f32(&scales, &shape)?,
+            self.from_f32(&biases, &shape)?,
+        ))
+    }
+
+    fn add(&self, a: &Array, b: &Array) -> OpResult<Array> {
+        self.elementwise(Op::Add, a, b)
+    }
+
+    fn subtract(&self, a: &Array, b: &Array) -> OpResult<Array> {
+        self.elementwise(Op::Subtract, a, b)
+    }
+
+    fn multiply(&self, a: &Array, b: &Array) -> OpResult<Array> {
+        self.elementwise(Op::Multiply, a, b)
+    }
+
+    fn divide(&self, a: &Array, b: &Array) -> OpResult<Array> {
+        self.elementwise(Op::Divide, a, b)
+    }
+
+    fn scale(&self, a: &Array, factor: f32) -> OpResult<Array> {
+        self.unary(Op::Scale(factor), a)
+    }
+
+    fn add_scalar(&self, a: &Array, value: f32) -> OpResult<Array> {
+        self.unary(Op::AddScalar(value), a)
+    }
+
+    fn tanh(&self, a: &Array) -> OpResult<Array> {
+        self.unary(Op::Tanh, a)
+    }
+
+    fn sigmoid(&self, a: &Array) -> OpResult<Array> {
+        self.unary(Op::Sigmoid, a)
+    }
+
+    fn silu(&self, a: &Array) -> OpResult<Array> {
+        self.unary(Op::Silu, a)
+    }
+
+    fn gelu_tanh(&self, a: &Array) -> OpResult<Array> {
+        self.unary(Op::GeluTanh, a)
+    }
+
+    /// Float-to-float casts run in ggml; anything involving the integer types is converted in Rust.
+    fn astype(&self, a: &Array, dtype: DType) -> OpResult<Array> {
+        if a.0.dtype == dtype {
+            return Ok(a.clone());
+        }
+        if float(a.0.dtype) && float(dtype) {
+            return Ok(Array::pending(a.0.shape.clone(), dtype, Op::Cast, vec![a.clone()]));
+        }
+        let data = self.computed(a)?;
+        Ok(Array::ready(a.0.shape.clone(), dtype, convert(data.bytes(), a.0.dtype, dtype)))
+    }
+
+    fn reshape(&self, a: &Array, shape: &[i32]) -> OpResult<Array> {
+        let shape = checks::reshape(&a.0.shape, shape)?;
+        Ok(Array::pending(shape, a.0.dtype, Op::Reshape, vec![a.clone()]))
+    }
+
+    fn transpose(&self, a: &Array, axes: &[i32]) -> OpResult<Array> {
+        let unsigned: Vec<u32> = axes.iter().map(|&x| x as u32).collect();
+        let shape = checks::transpose(&a.0.shape, &unsigned)?;
+        Ok(Array::pending(shape, a.0.dtype, Op::Transpose(axes.to_vec()), vec![a.clone()]))
+    }
+
+    fn slice(&self, a: &Array, start: &[i32], stop: &[i32]) -> OpResult<Array> {
+        let ranges = ranges(&a.0.shape, start, stop)?;
+        let shape = ranges.iter().map(|&(_, len)| len as i32).collect();
+        Ok(Array::pending(shape, a.0.dtype, Op::Slice(ranges), vec![a.clone()]))
+    }
+
+    fn slice_update(&self, a: &Array, update: &Array, start: &[i32], stop: &[i32]) -> OpResult<Array> {
+        let ranges = ranges(&a.0.shape, start, stop)?;
+        let region: Vec<i32> = ranges.iter().map(|&(_, len)| len as i32).collect();
+        if checks::broadcast("slice-update", &update.0.shape, &region)? != region {
+            return Err(format!("slice-update: update {:?} does not fit the region {region:?}", update.0.shape));
+        }
+        Ok(Array::pending(a.0.shape.clone(), DType::F32, Op::SliceUpdate(ranges), vec![a.clone(), update.clone()]))
+    }
+
+    fn concatenate(&self, arrays: &[&Array], axis: i32) -> OpResult<Array> {
+        let shapes: Vec<Vec<i32>> = arrays.iter().map(|a| a.0.shape.clone()).collect();
+        let shape = checks::concatenate(&shapes, axis)?;
+        let at = checks::axis("concatenate", axis, shape.len())?;
+        Ok(Array::pending(shape, DType::F32, Op::Concat(at), arrays.iter().map(|&a| a.clone()).collect()))
+    }
+
+    fn take(&self, a: &Array, indices: &Array, axis: i32) -> OpResult<Array> {
+        let (shape, at) = checks::take(&a.0.shape, &indices.0.shape, indices.0.dtype, axis)?;
+        if at != 0 {
+            return Err(format!("take: the cpu backend gathers along axis 0 only (asked for axis {axis})"));
+        }
+        let dtype = if float(a.0.dtype) { DType::F32 } else { a.0.dtype };
+        // 32-bit integers are gathered as bits (MLX-packed quantized weights are uint32).
+        if !matches!(dtype, DType::F32 | DType::I32 | DType::U32) {
+            return Err(format!("take: the cpu backend gathers float or 32-bit integer rows, not {:?}", a.0.dtype));
+        }
+        Ok(Array::pending(shape, dtype, Op::TakeRows, vec![a.clone(), indices.clone()]))
+    }
+
+    fn softmax(&self, a: &Array, axis: i32) -> OpResult<Array> {
+        let at = checks::axis("softmax", axis, a.0.shape.len())?;
+        self.unary(Op::Softmax(at), a)
+    }
+
+    fn rms_norm(&self, x: &Array, weight: &Array, eps: f32) -> OpResult<Array> {
+        checks::rms_norm(&x.0.shape, &weight.0.shape)?;
+        Ok(Array::pending(x.0.shape.clone(), DType::F32, Op::RmsNorm(eps), vec![x.clone(), weight.clone()]))
+    }
+
+    fn rope(&self, x: &Array, params: Rope) -> OpResult<Array> {
+        checks::rope(&x.0.shape, params.dims as u32)?;
+        self.unary(Op::Rope(params), x)
+    }
+
+    fn attention(&self, q: &Array, k: &Array, v: &Array, scale: f32, mask: Mask<'_, Array>) -> OpResult<Array> {
+        let explicit = match &mask {
+            Mask::Explicit(m) => Some(m.0.shape.clone()),
+            _ => None,
+        };
+        let (shape, _) = checks::attention(&q.0.shape, &k.0.shape, &v.0.shape, explicit.as_deref())?;
+        let mut inputs = vec![q.clone(), k.clone(), v.clone()];
+        let mask = match mask {
+            Mask::None => AttentionMask::None,
+            Mask::Causal => AttentionMask::Causal,
+            Mask::SlidingWindow { window, query_offset, key_offset } => {
+                AttentionMask::SlidingWindow { window: window as i64, query_offset: query_offset as i64, key_offset: key_offset as i64 }
+            }
+            Mask::Explicit(m) => {
+                if !float(m.0.dtype) {
+                    return Err("attention: the cpu backend takes additive (float) masks, not boolean ones".into());
+                }
+                inputs.push(m.clone());
+                AttentionMask::Explicit
+            }
+        };
+        Ok(Array::pending(shape, DType::F32, Op::Attention { scale, mask }, inputs))
+    }
+
+    fn conv1d_depthwise(&self, x: &Array, weight: &Array) -> OpResult<Array> {
+        let shape = checks::conv1d_depthwise(&x.0.shape, &weight.0.shape)?;
+        Ok(Array::pending(shape, DType::F32, Op::Conv1dDepthwise, vec![x.clone(), weight.clone()]))
+    }
+
+    fn eval(&self, arrays: &[&Array]) -> OpResult<()> {
+        lower::evaluate(arrays)
+    }
+
+    fn read_f32(&self, a: &Array) -> OpResult<Vec<f32>> {
+        let data = self.computed(a)?;
+        Ok(to_f64(data.bytes(), a.0.dtype).into_iter().map(|v| v as f32).collect())
+    }
+
+    fn int_range(&self, a: &Array) -> OpResult<Option<(i64, i64)>> {
+        let values = to_f64(self.computed(a)?.bytes(), a.0.dtype);
+        let low = values.iter().copied().reduce(f64::min);
+        let high = values.iter().copied().reduce(f64::max);
+        Ok(low.zip(high).map(|(l, h)| (l as i64, h as i64)))
+    }
+}

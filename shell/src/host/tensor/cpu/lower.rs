@@ -1,0 +1,493 @@
+//! Evaluation on ggml: the pending part of our graph becomes one ggml graph, computed on a process-wide
+//! thread pool with memory planned by ggml's graph allocator (intermediates share one reusable buffer).
+//!
+//! ggml numbers dimensions from the innermost (`ne[0]` is numpy's last axis) and has at most four; the
+//! helpers here translate. Every ggml kernel aborts on inputs it does not support, so each op is lowered
+//! to kernels with the operand types and layouts they take: activations f32 and contiguous, only a
+//! matrix product's weight operand kept in its stored type.
+
+use super::{Array, AttentionMask, Buffer, Op, State};
+use crate::host::tensor::{DType, OpResult, Rope};
+use llama_cpp_sys_2 as g;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+type T = *mut g::ggml_tensor;
+
+/// ggml tensors one of our ops may expand to (attention and GELU are the largest).
+const TENSORS_PER_OP: usize = 16;
+/// A graph larger than this is refused rather than planned (a forward pass has a few thousand nodes).
+const MAX_PENDING: usize = 1 << 20;
+
+/// The process-wide compute resources: one thread pool, one graph allocator, one work buffer.
+struct Runner {
+    pool: *mut g::ggml_threadpool,
+    threads: i32,
+    allocator: g::ggml_gallocr_t,
+    work: Vec<u64>,
+}
+
+// SAFETY: the pool and allocator are only used under the runner's mutex.
+unsafe impl Send for Runner {}
+
+fn runner() -> &'static Mutex<Runner> {
+    static RUNNER: OnceLock<Mutex<Runner>> = OnceLock::new();
+    RUNNER.get_or_init(|| {
+        let threads = threads();
+        // SAFETY: plain constructors; ggml_cpu_init fills ggml's conversion tables once.
+        unsafe {
+            g::ggml_cpu_init();
+            g::ggml_log_set(Some(log), std::ptr::null_mut());
+            let mut params = g::ggml_threadpool_params_default(threads);
+            let pool = g::ggml_threadpool_new(&mut params);
+            let allocator = g::ggml_gallocr_new(g::ggml_backend_cpu_buffer_type());
+            Mutex::new(Runner { pool, threads, allocator, work: Vec::new() })
+        }
+    })
+}
+
+/// ggml's own messages go to our log, not to the terminal.
+unsafe extern "C" fn log(level: g::ggml_log_level, text: *const std::ffi::c_char, _: *mut std::ffi::c_void) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: ggml passes a NUL-terminated string.
+    let text = unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy();
+    match level {
+        g::GGML_LOG_LEVEL_ERROR => tracing::error!(target: "ggml", "{}", text.trim_end()),
+        g::GGML_LOG_LEVEL_WARN => tracing::warn!(target: "ggml", "{}", text.trim_end()),
+        _ => tracing::debug!(target: "ggml", "{}", text.trim_end()),
+    }
+}
+
+/// Compute threads: EDGECHAT_THREADS, else every core the process may use.
+pub fn threads() -> i32 {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    std::env::var("EDGECHAT_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(cores).clamp(1, 256) as i32
+}
+
+fn ggml_type(d: DType) -> g::ggml_type {
+    match d {
+        DType::F32 => g::GGML_TYPE_F32,
+        DType::F16 => g::GGML_TYPE_F16,
+        DType::BF16 => g::GGML_TYPE_BF16,
+        DType::I32 | DType::U32 => g::GGML_TYPE_I32,
+        DType::U8 => g::GGML_TYPE_I8,
+    }
+}
+
+/// numpy shape -> ggml ne (innermost first), refusing ranks ggml cannot hold.
+fn ne(shape: &[i32]) -> OpResult<[i64; 4]> {
+    if shape.len() > 4 {
+        return Err(format!("the cpu backend holds at most 4 dimensions, not {} ({shape:?})", shape.len()));
+    }
+    let mut ne = [1i64; 4];
+    for (i, &d) in shape.iter().rev().enumerate() {
+        ne[i] = d as i64;
+    }
+    Ok(ne)
+}
+
+fn ne_of(t: T) -> [i64; 4] {
+    // SAFETY: t is a live tensor of the current context.
+    unsafe { (*t).ne }
+}
+
+/// Pending nodes reachable from `roots`, inputs before the nodes that use them.
+fn pending_order(roots: &[&Array]) -> OpResult<Vec<Array>> {
+    let mut order = Vec::new();
+    let mut seen: HashMap<*const super::Node, bool> = HashMap::new();
+    let mut stack: Vec<(Array, bool)> = roots.iter().map(|&a| (a.clone(), false)).collect();
+    while let Some((node, expanded)) = stack.pop() {
+        let key = Arc::as_ptr(&node.0);
+        if expanded {
+            order.push(node);
+            continue;
+        }
+        if seen.contains_key(&key) {
+            continue;
+        }
+        let inputs = match &*node.state() {
+            State::Ready(_) => continue,
+            State::Pending(_, inputs) => inputs.clone(),
+        };
+        seen.insert(key, true);
+        if seen.len() > MAX_PENDING {
+            return Err(format!("a graph of more than {MAX_PENDING} pending operations is refused"));
+        }
+        stack.push((node, true));
+        stack.extend(inputs.into_iter().filter(|i| !seen.contains_key(&Arc::as_ptr(&i.0))).map(|i| (i, false)));
+    }
+    Ok(order)
+}
+
+/// Computes `roots` and every pending node still referenced from outside the graph.
+pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
+    let order = pending_order(roots)?;
+    if order.is_empty() {
+        return Ok(());
+    }
+    let index: HashMap<*const super::Node, usize> = order.iter().enumerate().map(|(i, a)| (Arc::as_ptr(&a.0), i)).collect();
+    // References from inside the graph; anything beyond them (and `order`'s own) is a user of the result.
+    let mut internal = vec![0usize; order.len()];
+    for node in &order {
+        if let State::Pending(_, inputs) = &*node.state() {
+            for input in inputs {
+                if let Some(&i) = index.get(&Arc::as_ptr(&input.0)) {
+                    internal[i] += 1;
+                }
+            }
+        }
+    }
+    // Views of data (a linear layer's transposed weight, a slice of a cache) stay views: materializing
+    // one would copy the data, and a matrix product reads a transposed weight as stored.
+    let mut cheap_view = vec![false; order.len()];
+    for (i, node) in order.iter().enumerate() {
+        if let State::Pending(Op::Transpose(_) | Op::Reshape | Op::Slice(_), inputs) = &*node.state() {
+            cheap_view[i] = inputs[0].buffer().is_some() || index.get(&Arc::as_ptr(&inputs[0].0)).is_some_and(|&j| cheap_view[j]);
+        }
+    }
+    let is_root = |a: &Array| roots.iter().any(|r| Arc::ptr_eq(&r.0, &a.0));
+    let keep: Vec<bool> = (0..order.len())
+        .map(|i| is_root(&order[i]) || (!cheap_view[i] && Arc::strong_count(&order[i].0) > 1 + internal[i]))
+        .collect();
+    let mut runner = runner().lock().unwrap_or_else(|e| e.into_inner());
+    let mut graph = Graph::new(order.len())?;
+    let result = graph.run(&mut runner, &order, &keep);
+    drop(graph);
+    result
+}
+
+/// One ggml context and graph, freed on drop.
+struct Graph {
+    ctx: *mut g::ggml_context,
+    graph: *mut g::ggml_cgraph,
+    /// Buffers our leaves point into, kept alive until the graph is freed.
+    held: Vec<Arc<Buffer>>,
+    leaves: HashMap<*const super::Node, T>,
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: the context was created by ggml_init and is freed once.
+        unsafe { g::ggml_free(self.ctx) }
+    }
+}
+
+impl Graph {
+    fn new(pending: usize) -> OpResult<Graph> {
+        let size = pending * TENSORS_PER_OP + 64;
+        // SAFETY: sizes come from ggml's own overhead functions; no_alloc keeps data out of the arena.
+        unsafe {
+            let mem = g::ggml_tensor_overhead() * size + g::ggml_graph_overhead_custom(size, false) + (1 << 16);
+            let ctx = g::ggml_init(g::ggml_init_params { mem_size: mem, mem_buffer: std::ptr::null_mut(), no_alloc: true });
+            if ctx.is_null() {
+                return Err("ggml could not allocate a graph context".into());
+            }
+            let graph = g::ggml_new_graph_custom(ctx, size, false);
+            Ok(Graph { ctx, graph, held: Vec::new(), leaves: HashMap::new() })
+        }
+    }
+
+    fn run(&mut self, runner: &mut Runner, order: &[Array], keep: &[bool]) -> OpResult<()> {
+        let mut lowered: HashMap<*const super::Node, T> = HashMap::new();
+        for node in order {
+            let t = {
+                let state = node.state();
+                let State::Pending(op, inputs) = &*state else { continue };
+                let mut args = Vec::with_capacity(inputs.len());
+                for input in inputs {
+                    args.push(match lowered.get(&Arc::as_ptr(&input.0)) {
+                        Some(&t) => t,
+                        None => self.leaf(input)?,
+                    });
+                }
+                self.op(op, &args, inputs, node)?
+            };
+            let expected = ne(&node.0.shape)?;
+            // SAFETY: t is a tensor of this context.
+            if ne_of(t) != expected || unsafe { (*t).type_ } != ggml_type(node.0.dtype) {
+                return Err(format!("the cpu backend lowered an op to the wrong shape or type ({:?} -> {:?})", node.0.shape, ne_of(t)));
+            }
+            // Added in topological order, ggml's recursive walk over parents only ever meets this op's
+            // own few tensors: a graph of any depth cannot exhaust the stack.
+            unsafe { g::ggml_build_forward_expand(self.graph, t) };
+            lowered.insert(Arc::as_ptr(&node.0), t);
+        }
+        let mut outputs = Vec::new();
+        for (node, &wanted) in order.iter().zip(keep) {
+            if wanted {
+                let t = lowered[&Arc::as_ptr(&node.0)];
+                // SAFETY: graph construction over tensors of this context.
+                let out = unsafe { if g::ggml_is_contiguous(t) { t } else { g::ggml_cont(self.ctx, t) } };
+                unsafe {
+                    g::ggml_set_output(out);
+                    g::ggml_build_forward_expand(self.graph, out);
+                }
+                outputs.push((node, out));
+            }
+        }
+        self.compute(runner)?;
+        for (node, out) in outputs {
+            // SAFETY: after compute, out's data holds ggml_nbytes(out) bytes.
+            let bytes = unsafe { std::slice::from_raw_parts((*out).data as *const u8, g::ggml_nbytes(out)) };
+            if bytes.len() != node.elements() * node.0.dtype.size() {
+                return Err("the cpu backend produced a result of the wrong size".into());
+            }
+            *node.state() = State::Ready(Arc::new(Buffer::from_bytes(bytes)));
+        }
+        Ok(())
+    }
+
+    fn compute(&mut self, runner: &mut Runner) -> OpResult<()> {
+        // SAFETY: the graph is complete; the allocator places every intermediate; the work buffer is sized
+        // by ggml's plan and outlives the call.
+        unsafe {
+            if !g::ggml_gallocr_alloc_graph(runner.allocator, self.graph) {
+                return Err("ggml could not allocate memory for the graph".into());
+            }
+            let mut plan = g::ggml_graph_plan(self.graph, runner.threads, runner.pool);
+            if plan.work_size > runner.work.len() * 8 {
+                runner.work = vec![0u64; plan.work_size.div_ceil(8)];
+            }
+            plan.work_data = runner.work.as_mut_ptr().cast();
+            let status = g::ggml_graph_compute(self.graph, &mut plan);
+            if status != g::GGML_STATUS_SUCCESS {
+                return Err(format!("ggml failed to compute the graph (status {status})"));
+            }
+        }
+        Ok(())
+    }
+
+    /// A computed array as a ggml tensor over its buffer (no copy).
+    fn leaf(&mut self, a: &Array) -> OpResult<T> {
+        let key = Arc::as_ptr(&a.0);
+        if let Some(&t) = self.leaves.get(&key) {
+            return Ok(t);
+        }
+        let buffer = a.buffer().ok_or("the cpu backend met an input it had not computed")?;
+        let t = self.data(ggml_type(a.0.dtype), &ne(&a.0.shape)?, buffer);
+        self.leaves.insert(key, t);
+        Ok(t)
+    }
+
+    fn data(&mut self, ty: g::ggml_type, ne: &[i64; 4], buffer: Arc<Buffer>) -> T {
+        // SAFETY: a 4-d tensor header in the context; its data points at `buffer`, held until drop.
+        unsafe {
+            let t = g::ggml_new_tensor(self.ctx, ty, 4, ne.as_ptr());
+            (*t).data = buffer.ptr();
+            self.held.push(buffer);
+            t
+        }
+    }
+
+    fn f32_leaf(&mut self, values: &[f32], ne: [i64; 4]) -> T {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.data(g::GGML_TYPE_F32, &ne, Arc::new(Buffer::from_bytes(&bytes)))
+    }
+
+    /// An f32, contiguous form of `t` (what elementwise kernels take).
+    fn act(&self, t: T) -> OpResult<T> {
+        // SAFETY: t belongs to this context.
+        unsafe {
+            let t = match (*t).type_ {
+                g::GGML_TYPE_F32 => t,
+                g::GGML_TYPE_F16 | g::GGML_TYPE_BF16 | g::GGML_TYPE_I32 => g::ggml_cast(self.ctx, t, g::GGML_TYPE_F32),
+                _ => return Err("the cpu backend computes with float or int32 arrays only (cast uint8 first)".into()),
+            };
+            Ok(if g::ggml_is_contiguous(t) { t } else { g::ggml_cont(self.ctx, t) })
+        }
+    }
+
+    fn cont(&self, t: T) -> T {
+        // SAFETY: t belongs to this context.
+        unsafe { if g::ggml_is_contiguous(t) { t } else { g::ggml_cont(self.ctx, t) } }
+    }
+
+    fn repeat(&self, t: T, to: [i64; 4]) -> T {
+        // SAFETY: callers only repeat to shapes that numpy broadcasting produced, which ggml can repeat to.
+        unsafe { if ne_of(t) == to { t } else { g::ggml_repeat_4d(self.ctx, t, to[0], to[1], to[2], to[3]) } }
+    }
+
+    /// numpy `transpose(axes)` of a rank-`rank` array as a ggml permutation (a view).
+    fn transpose(&self, t: T, axes: &[i32]) -> T {
+        let rank = axes.len();
+        let mut to = [0, 1, 2, 3];
+        for (j, &axis) in axes.iter().enumerate() {
+            to[rank - 1 - axis as usize] = (rank - 1 - j) as i32;
+        }
+        // SAFETY: `to` is a permutation of 0..4 (axes were checked to be a permutation of 0..rank).
+        unsafe { g::ggml_permute(self.ctx, t, to[0], to[1], to[2], to[3]) }
+    }
+
+    fn op(&mut self, op: &Op, x: &[T], inputs: &[Array], node: &Array) -> OpResult<T> {
+        let out = ne(&node.0.shape)?;
+        let ctx = self.ctx;
+        // SAFETY: every call below builds graph nodes from tensors of this context, with operand types and
+        // layouts brought to what the kernel takes and shapes validated when the op was recorded.
+        unsafe {
+            Ok(match op {
+                Op::MatMul => return self.matmul(x, inputs, out),
+                Op::Add => self.binary(g::ggml_add, x, out, true)?,
+                Op::Multiply => self.binary(g::ggml_mul, x, out, true)?,
+                Op::Subtract => self.binary(g::ggml_sub, x, out, false)?,
+                Op::Divide => self.binary(g::ggml_div, x, out, false)?,
+                Op::Scale(s) => g::ggml_scale(ctx, self.act(x[0])?, *s),
+                Op::AddScalar(v) => g::ggml_scale_bias(ctx, self.act(x[0])?, 1.0, *v),
+                Op::Tanh => g::ggml_tanh(ctx, self.act(x[0])?),
+                Op::Sigmoid => g::ggml_sigmoid(ctx, self.act(x[0])?),
+                Op::Silu => g::ggml_silu(ctx, self.act(x[0])?),
+                Op::GeluTanh => self.gelu_tanh(self.act(x[0])?),
+                Op::Cast => g::ggml_cast(ctx, x[0], ggml_type(node.0.dtype)),
+                Op::Reshape => g::ggml_reshape_4d(ctx, self.cont(x[0]), out[0], out[1], out[2], out[3]),
+                Op::Transpose(axes) => self.transpose(x[0], axes),
+                Op::Slice(ranges) => {
+                    // ggml views step elements by the type size along ne[0]: a view whose innermost axis
+                    // was permuted away is made contiguous first.
+                    let source = if (*x[0]).nb[0] == g::ggml_type_size((*x[0]).type_) { x[0] } else { g::ggml_cont(ctx, x[0]) };
+                    let nb = (*source).nb;
+                    let rank = ranges.len();
+                    let offset: usize = ranges.iter().enumerate().map(|(axis, &(start, _))| start as usize * nb[rank - 1 - axis]).sum();
+                    g::ggml_view_4d(ctx, source, out[0], out[1], out[2], out[3], nb[1], nb[2], nb[3], offset)
+                }
+                Op::SliceUpdate(ranges) => {
+                    let a = self.act(x[0])?;
+                    let region = ne(&ranges.iter().map(|&(_, len)| len as i32).collect::<Vec<_>>())?;
+                    let update = self.repeat(self.act(x[1])?, region);
+                    let nb = (*a).nb;
+                    let rank = ranges.len();
+                    let offset: usize = ranges.iter().enumerate().map(|(axis, &(start, _))| start as usize * nb[rank - 1 - axis]).sum();
+                    g::ggml_set(ctx, a, update, nb[1], nb[2], nb[3], offset)
+                }
+                Op::Concat(axis) => {
+                    let dim = (node.0.shape.len() - 1 - axis) as i32;
+                    let mut parts = Vec::new();
+                    for (t, a) in x.iter().zip(inputs) {
+                        if a.elements() > 0 {
+                            parts.push(self.act(*t)?);
+                        }
+                    }
+                    let first = parts.first().copied().ok_or("concatenate: nothing to join")?;
+                    parts[1..].iter().fold(first, |acc, &t| g::ggml_concat(ctx, acc, t, dim))
+                }
+                Op::TakeRows => {
+                    let table = self.cont(x[0]);
+                    let rows = inputs[0].0.shape[0] as i64;
+                    let row = inputs[0].elements() as i64 / rows.max(1);
+                    let table = g::ggml_reshape_2d(ctx, table, row, rows);
+                    let ids = g::ggml_reshape_1d(ctx, self.cont(x[1]), inputs[1].elements() as i64);
+                    let picked = g::ggml_get_rows(ctx, table, ids);
+                    g::ggml_reshape_4d(ctx, picked, out[0], out[1], out[2], out[3])
+                }
+                Op::Softmax(axis) => {
+                    let rank = node.0.shape.len();
+                    if *axis == rank - 1 {
+                        g::ggml_soft_max(ctx, self.act(x[0])?)
+                    } else {
+                        let mut swap: Vec<i32> = (0..rank as i32).collect();
+                        swap.swap(*axis, rank - 1);
+                        let moved = self.act(self.transpose(x[0], &swap))?;
+                        self.transpose(g::ggml_soft_max(ctx, moved), &swap)
+                    }
+                }
+                Op::RmsNorm(eps) => g::ggml_mul(ctx, g::ggml_rms_norm(ctx, self.act(x[0])?, *eps), self.act(x[1])?),
+                Op::Rope(p) => self.rope(self.act(x[0])?, *p),
+                Op::Attention { scale, mask } => self.attention(x, *scale, *mask)?,
+                Op::Conv1dDepthwise => {
+                    let x_t = self.cont(g::ggml_permute(ctx, self.act(x[0])?, 1, 0, 2, 3));
+                    g::ggml_ssm_conv(ctx, x_t, self.act(x[1])?)
+                }
+            })
+        }
+    }
+
+    /// numpy a [.., M, K] @ b [.., K, N] as ggml's mul_mat(A [K, N], B [K, M]) -> [N, M]. When b is the
+    /// transposed view of a matrix (how adapters hold linear weights), that matrix is A as stored.
+    unsafe fn matmul(&mut self, x: &[T], inputs: &[Array], out: [i64; 4]) -> OpResult<T> {
+        let ctx = self.ctx;
+        let stored = match &*inputs[1].state() {
+            State::Pending(Op::Transpose(axes), src) if axes[..] == [1, 0] => Some(src[0].clone()),
+            _ => None,
+        };
+        let weight = match stored {
+            Some(w) if w.buffer().is_some() => self.leaf(&w)?,
+            _ => {
+                let b = self.act(x[1])?;
+                g::ggml_cont(ctx, g::ggml_permute(ctx, b, 1, 0, 2, 3))
+            }
+        };
+        let weight = match (*weight).type_ {
+            g::GGML_TYPE_I32 | g::GGML_TYPE_I8 => self.act(weight)?,
+            _ => weight,
+        };
+        let a = self.act(x[0])?;
+        let k = ne_of(a)[0];
+        let a = self.repeat(a, [k, out[1], out[2], out[3]]);
+        Ok(g::ggml_mul_mat(ctx, weight, a))
+    }
+
+    /// An elementwise op with numpy broadcasting: ggml repeats the second operand only.
+    unsafe fn binary(&self, f: unsafe extern "C" fn(*mut g::ggml_context, T, T) -> T, x: &[T], out: [i64; 4], commutes: bool) -> OpResult<T> {
+        let (a, b) = (self.act(x[0])?, self.act(x[1])?);
+        Ok(if ne_of(a) == out && g::ggml_can_repeat(b, a) {
+            f(self.ctx, a, b)
+        } else if commutes && ne_of(b) == out && g::ggml_can_repeat(a, b) {
+            f(self.ctx, b, a)
+        } else {
+            f(self.ctx, self.repeat(a, out), b)
+        })
+    }
+
+    /// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), exactly (ggml's own GELU reads an f16 table).
+    unsafe fn gelu_tanh(&self, x: T) -> T {
+        let ctx = self.ctx;
+        let cube = g::ggml_mul(ctx, g::ggml_mul(ctx, x, x), x);
+        let inner = g::ggml_add(ctx, x, g::ggml_scale(ctx, cube, 0.044715));
+        let t = g::ggml_tanh(ctx, g::ggml_scale(ctx, inner, (2.0f32 / std::f32::consts::PI).sqrt()));
+        g::ggml_mul(ctx, g::ggml_scale(ctx, x, 0.5), g::ggml_scale_bias(ctx, t, 1.0, 1.0))
+    }
+
+    /// MLX's rope over x [.., heads, seq, d]; ggml's rotates x [d, heads, seq, batch] by positions along seq.
+    unsafe fn rope(&mut self, x: T, p: Rope) -> T {
+        let ctx = self.ctx;
+        let seq = ne_of(x)[1];
+        let positions: Vec<u8> = (0..seq).flat_map(|i| (p.offset + i as i32).to_le_bytes()).collect();
+        let positions = self.data(g::GGML_TYPE_I32, &[seq, 1, 1, 1], Arc::new(Buffer::from_bytes(&positions)));
+        let heads_outer = g::ggml_cont(ctx, g::ggml_permute(ctx, x, 0, 2, 1, 3));
+        // ggml's rope modes: 0 rotates interleaved pairs, GGML_ROPE_TYPE_NEOX (2) the two halves.
+        let mode = if p.traditional { 0 } else { 2 };
+        let rotated = g::ggml_rope_ext(ctx, heads_outer, positions, std::ptr::null_mut(), p.dims, mode, 0, p.base, p.scale, 0.0, 1.0, 0.0, 0.0);
+        g::ggml_permute(ctx, rotated, 0, 2, 1, 3)
+    }
+
+    /// softmax(q k^T scale + mask) v; ggml's mul_mat broadcasts kv heads over query heads as grouped-query
+    /// attention does (query head h reads kv head h / (hq / hkv)).
+    unsafe fn attention(&mut self, x: &[T], scale: f32, mask: AttentionMask) -> OpResult<T> {
+        let ctx = self.ctx;
+        let (q, k, v) = (self.act(x[0])?, self.act(x[1])?, self.act(x[2])?);
+        let (lq, lk) = (ne_of(q)[1], ne_of(k)[1]);
+        let scores = g::ggml_mul_mat(ctx, k, q);
+        let visible = |f: &dyn Fn(i64, i64) -> bool| -> Vec<f32> {
+            (0..lq).flat_map(|i| (0..lk).map(move |j| (i, j))).map(|(i, j)| if f(i, j) { 0.0 } else { f32::NEG_INFINITY }).collect()
+        };
+        let mask = match mask {
+            AttentionMask::None => std::ptr::null_mut(),
+            AttentionMask::Causal => self.f32_leaf(&visible(&|i, j| j <= lk - lq + i), [lk, lq, 1, 1]),
+            AttentionMask::SlidingWindow { window, query_offset, key_offset } => {
+                let sees = |i: i64, j: i64| {
+                    let (query, key) = (query_offset + i, key_offset + j);
+                    key <= query && query - window < key
+                };
+                self.f32_leaf(&visible(&sees), [lk, lq, 1, 1])
+            }
+            AttentionMask::Explicit => {
+                let m = self.act(x[3])?;
+                let n = ne_of(m);
+                self.cont(self.repeat(m, [lk, lq, n[2], n[3]]))
+            }
+        };
+        let probabilities = g::ggml_soft_max_ext(ctx, scores, mask, scale, 0.0);
+        let v_t = g::ggml_cont(ctx, g::ggml_permute(ctx, v, 1, 0, 2, 3));
+        Ok(g::ggml_mul_mat(ctx, v_t, probabilities))
+    }
+}
