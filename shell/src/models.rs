@@ -155,7 +155,7 @@ impl ModelFiles {
 }
 
 /// Chosen from measurements on the MLX CPU backend (docs/benchmarks.md).
-pub const DEFAULT_PRECISION: Precision = Precision::F32;
+pub const DEFAULT_PRECISION: Precision = Precision::Auto;
 
 /// Imported models, sorted by id.
 pub fn imported(shell: &Shell) -> Vec<(PathBuf, Manifest)> {

@@ -146,6 +146,10 @@ impl Backend for ActiveBackend {
         dispatch!(self, |be| be.from_bytes(dtype, bytes, shape).map(AnyArray::Cpu), be.from_bytes(dtype, bytes, shape).map(AnyArray::Mlx))
     }
 
+    fn from_blocks(&self, ggml_type: u32, bytes: &[u8], shape: &[i32]) -> OpResult<Option<AnyArray>> {
+        dispatch!(self, |be| Ok(be.from_blocks(ggml_type, bytes, shape)?.map(AnyArray::Cpu)), Ok(be.from_blocks(ggml_type, bytes, shape)?.map(AnyArray::Mlx)))
+    }
+
     fn shape(&self, a: &AnyArray) -> Vec<i32> {
         match a {
             AnyArray::Cpu(x) => CpuBackend.shape(x),

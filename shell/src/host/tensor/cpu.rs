@@ -21,7 +21,10 @@ pub struct Array(Arc<Node>);
 
 pub struct Node {
     shape: Vec<i32>,
+    /// What the contract sees. Block-quantized data reports f32: it computes as the values it encodes.
     dtype: DType,
+    /// The ggml block type of data kept as stored (GGUF Q8_0, Q4_K, ...).
+    blocks: Option<u32>,
     state: Mutex<State>,
     /// A float form of an MLX-quantized weight, made on its first use in a product.
     dequantized: OnceLock<Array>,
@@ -61,6 +64,8 @@ enum Op {
     /// Inputs q, k, v (and the mask, when it is an array).
     Attention { scale: f32, mask: AttentionMask },
     Conv1dDepthwise,
+    /// Block-quantized data as f32 (for a read-back or a cast).
+    Dequantize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -109,11 +114,11 @@ impl Buffer {
 
 impl Array {
     fn ready(shape: Vec<i32>, dtype: DType, buffer: Buffer) -> Array {
-        Array(Arc::new(Node { shape, dtype, state: Mutex::new(State::Ready(Arc::new(buffer))), dequantized: OnceLock::new() }))
+        Array(Arc::new(Node { shape, dtype, blocks: None, state: Mutex::new(State::Ready(Arc::new(buffer))), dequantized: OnceLock::new() }))
     }
 
     fn pending(shape: Vec<i32>, dtype: DType, op: Op, inputs: Vec<Array>) -> Array {
-        Array(Arc::new(Node { shape, dtype, state: Mutex::new(State::Pending(op, inputs)), dequantized: OnceLock::new() }))
+        Array(Arc::new(Node { shape, dtype, blocks: None, state: Mutex::new(State::Pending(op, inputs)), dequantized: OnceLock::new() }))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -216,8 +221,11 @@ fn to_f64(bytes: &[u8], dtype: DType) -> Vec<f64> {
 }
 
 impl CpuBackend {
-    /// Computes `a` if needed and returns its data.
+    /// Computes `a` if needed and returns its data as elements of `a.dtype` (blocks dequantized).
     fn computed(&self, a: &Array) -> OpResult<Arc<Buffer>> {
+        if a.0.blocks.is_some() {
+            return self.computed(&Array::pending(a.0.shape.clone(), DType::F32, Op::Dequantize, vec![a.clone()]));
+        }
         if let Some(b) = a.buffer() {
             return Ok(b);
         }
@@ -285,6 +293,26 @@ impl Backend for CpuBackend {
         }
         values_fill(bytes.len() / dtype.size(), shape)?;
         Ok(Array::ready(shape.to_vec(), dtype, Buffer::from_bytes(bytes)))
+    }
+
+    fn from_blocks(&self, ggml_type: u32, bytes: &[u8], shape: &[i32]) -> OpResult<Option<Array>> {
+        let row = *shape.last().ok_or("a block-quantized scalar")? as i64;
+        let rows = checks::elements(shape)? as i64 / row.max(1);
+        // SAFETY: pure functions of the type id, which is checked to be a type ggml knows first.
+        let (block, row_bytes) = unsafe {
+            if ggml_type >= lower::TYPE_COUNT || lower::block_size(ggml_type) <= 1 {
+                return Err(format!("ggml type {ggml_type} is not a block format"));
+            }
+            (lower::block_size(ggml_type), lower::row_size(ggml_type, row))
+        };
+        if row % block != 0 || row_bytes as i64 * rows != bytes.len() as i64 {
+            return Err(format!("{} bytes are not whole blocks of type {ggml_type} for shape {shape:?}", bytes.len()));
+        }
+        if shape.len() > 4 {
+            return Err(format!("block-quantized arrays hold at most 4 dimensions, not {shape:?}"));
+        }
+        let node = Node { shape: shape.to_vec(), dtype: DType::F32, blocks: Some(ggml_type), state: Mutex::new(State::Ready(Arc::new(Buffer::from_bytes(bytes)))), dequantized: OnceLock::new() };
+        Ok(Some(Array(Arc::new(node))))
     }
 
     fn shape(&self, a: &Array) -> Vec<i32> {

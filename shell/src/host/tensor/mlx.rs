@@ -84,6 +84,11 @@ impl Backend for MlxBackend {
         })
     }
 
+    /// MLX has no ggml block formats: the caller dequantizes instead.
+    fn from_blocks(&self, _ggml_type: u32, _bytes: &[u8], _shape: &[i32]) -> OpResult<Option<Array>> {
+        Ok(None)
+    }
+
     fn shape(&self, a: &Array) -> Vec<i32> {
         a.shape().to_vec()
     }

@@ -261,6 +261,23 @@ impl GgufCheckpoint {
         &self.metadata
     }
 
+    /// A block-quantized tensor's bytes as stored, with its ggml type id and row-major shape; None for
+    /// float tensors.
+    fn blocks(&self, name: &str) -> Result<Option<(u32, &[u8], Vec<usize>)>, String> {
+        let file = self.path.display();
+        let t = self.tensors.get(name).ok_or_else(|| format!("{file}: no tensor {name}"))?;
+        let ty = GgmlType::from_id(t.type_id).ok_or_else(|| format!("{file}: tensor {name} has ggml type {} which edgechat cannot read", t.type_id))?;
+        if ty.block().0 == 1 {
+            return Ok(None);
+        }
+        let (start, len) = t.span(ty, self.data_start).map_err(|e| format!("{file}: tensor {name}: {e}"))?;
+        if t.shape.last().is_none_or(|&row| row % ty.block().0 != 0) {
+            return Err(format!("{file}: tensor {name}: rows of {:?} are not whole {ty:?} blocks", t.shape));
+        }
+        let bytes = self.map.get(start..start.saturating_add(len)).ok_or_else(|| format!("{file}: tensor {name} lies outside the file (truncated?)"))?;
+        Ok(Some((t.type_id, bytes, t.shape.clone())))
+    }
+
     /// The tensor dequantized to f32, row-major.
     pub fn dequantize(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>), String> {
         let file = self.path.display();
@@ -368,6 +385,13 @@ fn dequantize(ty: GgmlType, bytes: &[u8], elements: usize) -> Vec<f32> {
 }
 
 impl Checkpoint for GgufCheckpoint {
+    fn get_blocks(&self, backend: &ActiveBackend, name: &str) -> Result<Option<Loaded>, String> {
+        let Some((type_id, bytes, shape)) = self.blocks(name)? else { return Ok(None) };
+        let shape: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+        let array = backend.from_blocks(type_id, bytes, &shape).map_err(|e| format!("{}: tensor {name}: {e}", self.path.display()))?;
+        Ok(array.map(Loaded::Dense))
+    }
+
     fn format(&self) -> CheckpointFormat {
         CheckpointFormat::Gguf
     }

@@ -22,11 +22,19 @@ pub trait Checkpoint: Send {
     fn names(&self) -> Vec<String>;
     /// Reads one tensor. Errors name the file and the tensor.
     fn get(&self, backend: &ActiveBackend, name: &str) -> Result<Loaded, String>;
+    /// A block-quantized tensor kept in its stored format, when the format has blocks and the backend
+    /// multiplies them (ggml's, on the cpu backend). None: read it with `get`.
+    fn get_blocks(&self, _backend: &ActiveBackend, _name: &str) -> Result<Option<Loaded>, String> {
+        Ok(None)
+    }
 }
 
 /// The precision a model runs at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
+    /// Block-quantized GGUF tensors as stored on the cpu backend (ggml multiplies the blocks); f32 for
+    /// everything else and on MLX.
+    Auto,
     F32,
     F16,
     BF16,
@@ -40,12 +48,13 @@ impl std::str::FromStr for Precision {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Ok(match s {
+            "auto" => Precision::Auto,
             "f32" => Precision::F32,
             "f16" => Precision::F16,
             "bf16" => Precision::BF16,
             "q4" => Precision::Q4,
             "q8" => Precision::Q8,
-            other => return Err(format!("unknown dtype {other:?} (bf16, f16, f32, q4, q8)")),
+            other => return Err(format!("unknown dtype {other:?} (auto, bf16, f16, f32, q4, q8)")),
         })
     }
 }
@@ -53,7 +62,7 @@ impl std::str::FromStr for Precision {
 impl Precision {
     fn float(self) -> DType {
         match self {
-            Precision::F32 => DType::F32,
+            Precision::Auto | Precision::F32 => DType::F32,
             Precision::F16 => DType::F16,
             _ => DType::BF16,
         }
@@ -132,7 +141,14 @@ impl Host for HostState {
         open.used.insert(name.clone());
         let open = self.open_checkpoint()?;
         let backend = &self.tensors.backend;
-        let loaded = match open.checkpoint.get(backend, &name).and_then(|l| open.precision.apply(backend, l)) {
+        let blocks = match open.precision {
+            Precision::Auto => open.checkpoint.get_blocks(backend, &name),
+            _ => Ok(None),
+        };
+        let loaded = match blocks.and_then(|b| match b {
+            Some(loaded) => Ok(loaded),
+            None => open.checkpoint.get(backend, &name).and_then(|l| open.precision.apply(backend, l)),
+        }) {
             Ok(loaded) => loaded,
             Err(e) => return Ok(Err(e)),
         };

@@ -88,6 +88,24 @@ fn ne(shape: &[i32]) -> OpResult<[i64; 4]> {
     Ok(ne)
 }
 
+/// ggml's number of types: ids at or above it are not types.
+pub(super) const TYPE_COUNT: u32 = g::GGML_TYPE_COUNT;
+
+/// Elements per block of a ggml type. Safe for ids below [`TYPE_COUNT`].
+pub(super) unsafe fn block_size(ty: u32) -> i64 {
+    unsafe { g::ggml_blck_size(ty) }
+}
+
+/// Bytes of a row of `n` elements (whole blocks) of a ggml type.
+pub(super) unsafe fn row_size(ty: u32, n: i64) -> usize {
+    unsafe { g::ggml_row_size(ty, n) }
+}
+
+fn quantized(t: T) -> bool {
+    // SAFETY: t is a live tensor; the type is one ggml created it with.
+    unsafe { g::ggml_is_quantized((*t).type_) }
+}
+
 fn ne_of(t: T) -> [i64; 4] {
     // SAFETY: t is a live tensor of the current context.
     unsafe { (*t).ne }
@@ -205,8 +223,10 @@ impl Graph {
                 self.op(op, &args, inputs, node)?
             };
             let expected = ne(&node.0.shape)?;
+            // A transposed view of block-quantized data keeps the blocks (for a matrix product to read).
+            let block_view = quantized(t) && matches!(&*node.state(), State::Pending(Op::Transpose(_), _));
             // SAFETY: t is a tensor of this context.
-            if ne_of(t) != expected || unsafe { (*t).type_ } != ggml_type(node.0.dtype) {
+            if ne_of(t) != expected || (unsafe { (*t).type_ } != ggml_type(node.0.dtype) && !block_view) {
                 return Err(format!("the cpu backend lowered an op to the wrong shape or type ({:?} -> {:?})", node.0.shape, ne_of(t)));
             }
             // Added in topological order, ggml's recursive walk over parents only ever meets this op's
@@ -266,7 +286,7 @@ impl Graph {
             return Ok(t);
         }
         let buffer = a.buffer().ok_or("the cpu backend met an input it had not computed")?;
-        let t = self.data(ggml_type(a.0.dtype), &ne(&a.0.shape)?, buffer);
+        let t = self.data(a.0.blocks.unwrap_or(ggml_type(a.0.dtype)), &ne(&a.0.shape)?, buffer);
         self.leaves.insert(key, t);
         Ok(t)
     }
@@ -287,16 +307,30 @@ impl Graph {
     }
 
     /// An f32, contiguous form of `t` (what elementwise kernels take).
-    fn act(&self, t: T) -> OpResult<T> {
+    fn act(&mut self, t: T) -> OpResult<T> {
         // SAFETY: t belongs to this context.
         unsafe {
             let t = match (*t).type_ {
                 g::GGML_TYPE_F32 => t,
                 g::GGML_TYPE_F16 | g::GGML_TYPE_BF16 | g::GGML_TYPE_I32 => g::ggml_cast(self.ctx, t, g::GGML_TYPE_F32),
+                _ if quantized(t) => self.dequantize(t)?,
                 _ => return Err("the cpu backend computes with float or int32 arrays only (cast uint8 first)".into()),
             };
             Ok(if g::ggml_is_contiguous(t) { t } else { g::ggml_cont(self.ctx, t) })
         }
+    }
+
+    /// Block-quantized rows as f32: ggml's row gather dequantizes what it picks, and here it picks all.
+    unsafe fn dequantize(&mut self, t: T) -> OpResult<T> {
+        if !g::ggml_is_contiguous(t) {
+            return Err("block-quantized arrays are multiplied, gathered or read whole; this view of one cannot be computed".into());
+        }
+        let n = ne_of(t);
+        let rows = n[1] * n[2] * n[3];
+        let ids: Vec<u8> = (0..rows as i32).flat_map(|i| i.to_le_bytes()).collect();
+        let ids = self.data(g::GGML_TYPE_I32, &[rows, 1, 1, 1], Arc::new(Buffer::from_bytes(&ids)));
+        let flat = g::ggml_reshape_2d(self.ctx, t, n[0], rows);
+        Ok(g::ggml_reshape_4d(self.ctx, g::ggml_get_rows(self.ctx, flat, ids), n[0], n[1], n[2], n[3]))
     }
 
     fn cont(&self, t: T) -> T {
@@ -337,14 +371,30 @@ impl Graph {
                 Op::Tanh => g::ggml_tanh(ctx, self.act(x[0])?),
                 Op::Sigmoid => g::ggml_sigmoid(ctx, self.act(x[0])?),
                 Op::Silu => g::ggml_silu(ctx, self.act(x[0])?),
-                Op::GeluTanh => self.gelu_tanh(self.act(x[0])?),
-                Op::Cast => g::ggml_cast(ctx, x[0], ggml_type(node.0.dtype)),
-                Op::Reshape => g::ggml_reshape_4d(ctx, self.cont(x[0]), out[0], out[1], out[2], out[3]),
+                Op::GeluTanh => {
+                    let a = self.act(x[0])?;
+                    self.gelu_tanh(a)
+                }
+                Op::Cast => {
+                    let source = if quantized(x[0]) { self.act(x[0])? } else { x[0] };
+                    g::ggml_cast(ctx, source, ggml_type(node.0.dtype))
+                }
+                Op::Dequantize => self.act(x[0])?,
+                Op::Reshape => {
+                    let source = if quantized(x[0]) { self.act(x[0])? } else { self.cont(x[0]) };
+                    g::ggml_reshape_4d(ctx, source, out[0], out[1], out[2], out[3])
+                }
                 Op::Transpose(axes) => self.transpose(x[0], axes),
                 Op::Slice(ranges) => {
                     // ggml views step elements by the type size along ne[0]: a view whose innermost axis
                     // was permuted away is made contiguous first.
-                    let source = if (*x[0]).nb[0] == g::ggml_type_size((*x[0]).type_) { x[0] } else { g::ggml_cont(ctx, x[0]) };
+                    let source = if quantized(x[0]) {
+                        self.act(x[0])?
+                    } else if (*x[0]).nb[0] == g::ggml_type_size((*x[0]).type_) {
+                        x[0]
+                    } else {
+                        g::ggml_cont(ctx, x[0])
+                    };
                     let nb = (*source).nb;
                     let rank = ranges.len();
                     let offset: usize = ranges.iter().enumerate().map(|(axis, &(start, _))| start as usize * nb[rank - 1 - axis]).sum();
@@ -353,7 +403,8 @@ impl Graph {
                 Op::SliceUpdate(ranges) => {
                     let a = self.act(x[0])?;
                     let region = ne(&ranges.iter().map(|&(_, len)| len as i32).collect::<Vec<_>>())?;
-                    let update = self.repeat(self.act(x[1])?, region);
+                    let update = self.act(x[1])?;
+                    let update = self.repeat(update, region);
                     let nb = (*a).nb;
                     let rank = ranges.len();
                     let offset: usize = ranges.iter().enumerate().map(|(axis, &(start, _))| start as usize * nb[rank - 1 - axis]).sum();
@@ -391,10 +442,14 @@ impl Graph {
                     }
                 }
                 Op::RmsNorm(eps) => g::ggml_mul(ctx, g::ggml_rms_norm(ctx, self.act(x[0])?, *eps), self.act(x[1])?),
-                Op::Rope(p) => self.rope(self.act(x[0])?, *p),
+                Op::Rope(p) => {
+                    let a = self.act(x[0])?;
+                    self.rope(a, *p)
+                }
                 Op::Attention { scale, mask } => self.attention(x, *scale, *mask)?,
                 Op::Conv1dDepthwise => {
-                    let x_t = self.cont(g::ggml_permute(ctx, self.act(x[0])?, 1, 0, 2, 3));
+                    let a = self.act(x[0])?;
+                    let x_t = self.cont(g::ggml_permute(ctx, a, 1, 0, 2, 3));
                     g::ggml_ssm_conv(ctx, x_t, self.act(x[1])?)
                 }
             })
@@ -427,7 +482,7 @@ impl Graph {
     }
 
     /// An elementwise op with numpy broadcasting: ggml repeats the second operand only.
-    unsafe fn binary(&self, f: unsafe extern "C" fn(*mut g::ggml_context, T, T) -> T, x: &[T], out: [i64; 4], commutes: bool) -> OpResult<T> {
+    unsafe fn binary(&mut self, f: unsafe extern "C" fn(*mut g::ggml_context, T, T) -> T, x: &[T], out: [i64; 4], commutes: bool) -> OpResult<T> {
         let (a, b) = (self.act(x[0])?, self.act(x[1])?);
         Ok(if ne_of(a) == out && g::ggml_can_repeat(b, a) {
             f(self.ctx, a, b)
