@@ -37,6 +37,9 @@ fn cases<B: Backend>(be: &B) -> Results {
     case("subtract broadcasting the left side", be.subtract(&x(9, &[3, 1]), &x(10, &[2, 3, 4])));
     case("multiply broadcasting both sides", be.multiply(&x(11, &[3, 1]), &x(12, &[1, 4])));
     case("divide", be.divide(&a, &be.add_scalar(&be.multiply(&b, &b).unwrap(), 1.0).unwrap()));
+    let (column, row) = (be.from_i32(&[1, 2, 3], &[3, 1]).unwrap(), be.from_i32(&[5, -1], &[1, 2]).unwrap());
+    case("integer add with broadcasting", be.add(&column, &row).and_then(|s| be.take(&w, &be.add(&s, &be.from_i32(&[2], &[1]).unwrap())?, 0)));
+    case("integer multiply then divide", be.multiply(&column, &row).and_then(|p| be.divide(&p, &column)));
     case("scale", be.scale(&a, 0.125));
     case("add-scalar", be.add_scalar(&a, -3.5));
     case("tanh", be.tanh(&a));

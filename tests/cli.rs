@@ -168,10 +168,18 @@ fn doctor_runs_the_backend_self_test_through_each_adapter() {
     let out = edgechat(home.path(), &["doctor"]);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
-    assert!(stdout.contains("tensor backend   MLX"), "{stdout}");
+    // Both backends are named, the one in use marked, and each adapter's self-test runs on both.
+    assert!(stdout.contains("tensor backend   cpu  ggml (CPU"), "{stdout}");
+    assert!(stdout.contains("tensor backend   mlx  MLX ("), "{stdout}");
+    assert_eq!(stdout.matches("(in use)").count(), 1, "{stdout}");
     for name in ["gemma", "leap"] {
         let line = stdout.lines().find(|l| l.starts_with(&format!("adapter {name}"))).unwrap();
-        assert!(line.contains("match Rust"), "{line}");
+        assert!(line.contains("match Rust (cpu max |err|") && line.contains(", mlx max |err|"), "{line}");
     }
+    let chosen = edgechat(home.path(), &["--backend", "mlx", "doctor"]);
+    let mlx_line = text(&chosen.stdout).lines().find(|l| l.starts_with("tensor backend   mlx")).map(str::to_owned);
+    assert!(mlx_line.as_deref().is_some_and(|l| l.ends_with("(in use)")), "{mlx_line:?}");
+    let refused = edgechat(home.path(), &["--backend", "gpu", "doctor"]);
+    assert_eq!(refused.status.code(), Some(2), "{}", text(&refused.stderr));
     assert!(stdout.contains("free disk"));
 }

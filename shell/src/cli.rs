@@ -53,7 +53,7 @@ enum Command {
         /// The model id to register (default: the file or directory name).
         #[arg(long)]
         id: Option<String>,
-        /// The precision `run` uses by default: bf16, f16, f32, q4 or q8.
+        /// The precision `run` uses by default: auto (GGUF blocks as stored on the cpu backend, else f32), bf16, f16, f32, q4 or q8.
         #[arg(long)]
         dtype: Option<crate::host::weights::Precision>,
     },
@@ -89,7 +89,7 @@ enum Command {
         prompt_tokens: usize,
         #[arg(long, default_value_t = 128)]
         gen_tokens: usize,
-        /// bf16, f16, f32, q4 or q8.
+        /// auto (GGUF blocks as stored on the cpu backend, else f32), bf16, f16, f32, q4 or q8.
         #[arg(long)]
         dtype: Option<crate::host::weights::Precision>,
         #[arg(long, default_value_t = 3)]

@@ -36,6 +36,14 @@ fn run() -> Result<()> {
             let kit_target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("kit-native");
             run_checked(Command::new(cargo()).current_dir(&root).arg("test").arg("--manifest-path").arg(&kit).arg("--target-dir").arg(&kit_target))?;
             run_checked(Command::new(cargo()).current_dir(&root).args(["test", "--workspace"]).args(&args[1..]))?;
+            // The suite above runs on the platform's default backend; the fidelity suite runs on the other too.
+            let other = if cfg!(all(target_os = "macos", target_arch = "aarch64")) { "cpu" } else { "mlx" };
+            run_checked(
+                Command::new(cargo())
+                    .current_dir(&root)
+                    .env("EDGECHAT_BACKEND", other)
+                    .args(["test", "--workspace", "--test", "fidelity", "--test", "real_model", "--test", "loading"]),
+            )?;
             // The OpenAI-compatible server, through the official openai client, against the built binary.
             let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
             run_checked(

@@ -44,7 +44,7 @@ pub struct RunArgs {
     pub repetition_penalty: Option<f32>,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// bf16, f16, f32, q4 or q8. Default: what the import chose.
+    /// auto, bf16, f16, f32, q4 or q8. Default: what the import chose.
     #[arg(long)]
     pub dtype: Option<Precision>,
     /// One JSON object per generated token, then a summary.

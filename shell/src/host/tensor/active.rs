@@ -5,7 +5,9 @@
 use super::cpu::{self, CpuBackend};
 use super::mlx::MlxBackend;
 use super::{Backend, DType, Mask, OpResult, Rope};
-use std::sync::OnceLock;
+use memmap2::Mmap;
+use std::ops::Range;
+use std::sync::{Arc, OnceLock};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
@@ -146,8 +148,8 @@ impl Backend for ActiveBackend {
         dispatch!(self, |be| be.from_bytes(dtype, bytes, shape).map(AnyArray::Cpu), be.from_bytes(dtype, bytes, shape).map(AnyArray::Mlx))
     }
 
-    fn from_blocks(&self, ggml_type: u32, bytes: &[u8], shape: &[i32]) -> OpResult<Option<AnyArray>> {
-        dispatch!(self, |be| Ok(be.from_blocks(ggml_type, bytes, shape)?.map(AnyArray::Cpu)), Ok(be.from_blocks(ggml_type, bytes, shape)?.map(AnyArray::Mlx)))
+    fn from_blocks(&self, ggml_type: u32, map: &Arc<Mmap>, range: Range<usize>, shape: &[i32]) -> OpResult<Option<AnyArray>> {
+        dispatch!(self, |be| Ok(be.from_blocks(ggml_type, map, range, shape)?.map(AnyArray::Cpu)), Ok(be.from_blocks(ggml_type, map, range, shape)?.map(AnyArray::Mlx)))
     }
 
     fn shape(&self, a: &AnyArray) -> Vec<i32> {

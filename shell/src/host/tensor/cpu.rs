@@ -13,6 +13,8 @@
 mod lower;
 
 use super::{checks, Backend, DType, Mask, OpResult, Rope};
+use memmap2::Mmap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// A node of the lazy graph. Shape and dtype are fixed when it is recorded.
@@ -76,10 +78,16 @@ enum AttentionMask {
     Explicit,
 }
 
-/// Element bytes, 64-byte aligned (SIMD loads, and ggml's own alignment for its buffers).
+/// Element bytes: our own, 64-byte aligned (ggml's alignment for its buffers), or a range of a mapped
+/// checkpoint (block-quantized weights are computed from the file's pages, never copied).
 pub struct Buffer {
-    chunks: Vec<Chunk>,
+    storage: Storage,
     len: usize,
+}
+
+enum Storage {
+    Owned(Vec<Chunk>),
+    Mapped { map: Arc<Mmap>, offset: usize },
 }
 
 #[repr(C, align(64))]
@@ -88,7 +96,7 @@ struct Chunk([u8; 64]);
 
 impl Buffer {
     fn zeroed(len: usize) -> Buffer {
-        Buffer { chunks: vec![Chunk([0; 64]); len.div_ceil(64)], len }
+        Buffer { storage: Storage::Owned(vec![Chunk([0; 64]); len.div_ceil(64)]), len }
     }
 
     fn from_bytes(bytes: &[u8]) -> Buffer {
@@ -98,17 +106,25 @@ impl Buffer {
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: `chunks` holds at least `len` initialized bytes; Chunk is plain bytes.
-        unsafe { std::slice::from_raw_parts(self.chunks.as_ptr().cast::<u8>(), self.len) }
+        match &self.storage {
+            // SAFETY: the chunks hold at least `len` initialized bytes; Chunk is plain bytes.
+            Storage::Owned(chunks) => unsafe { std::slice::from_raw_parts(chunks.as_ptr().cast::<u8>(), self.len) },
+            Storage::Mapped { map, offset } => &map[*offset..*offset + self.len],
+        }
     }
 
+    /// Only for buffers being filled (always owned).
     fn bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and we hold the only reference.
-        unsafe { std::slice::from_raw_parts_mut(self.chunks.as_mut_ptr().cast::<u8>(), self.len) }
+        match &mut self.storage {
+            // SAFETY: as above, and we hold the only reference.
+            Storage::Owned(chunks) => unsafe { std::slice::from_raw_parts_mut(chunks.as_mut_ptr().cast::<u8>(), self.len) },
+            Storage::Mapped { .. } => unreachable!("mapped buffers are never written"),
+        }
     }
 
+    /// Where ggml reads the data. ggml only reads inputs (a mapped file is read-only besides).
     fn ptr(&self) -> *mut std::ffi::c_void {
-        self.chunks.as_ptr() as *mut std::ffi::c_void
+        self.bytes().as_ptr() as *mut std::ffi::c_void
     }
 }
 
@@ -235,7 +251,44 @@ impl CpuBackend {
 
     fn elementwise(&self, op: Op, a: &Array, b: &Array) -> OpResult<Array> {
         let shape = checks::broadcast("elementwise op", &a.0.shape, &b.0.shape)?;
+        if !float(a.0.dtype) && !float(b.0.dtype) && !matches!(op, Op::Divide) {
+            return self.integer_elementwise(&op, a, b, shape);
+        }
         Ok(Array::pending(shape, DType::F32, op, vec![a.clone(), b.clone()]))
+    }
+
+    /// Integer arithmetic (index computations) stays integer, as on MLX: computed now, in Rust, since
+    /// ggml's arithmetic is float.
+    fn integer_elementwise(&self, op: &Op, a: &Array, b: &Array, shape: Vec<i32>) -> OpResult<Array> {
+        let (x, y) = (to_f64(self.computed(a)?.bytes(), a.0.dtype), to_f64(self.computed(b)?.bytes(), b.0.dtype));
+        let n = checks::elements(&shape)? as usize;
+        // The flat index into an operand broadcast to `shape`.
+        let source = |from: &[i32], i: usize| {
+            let (mut rest, mut at, mut stride) = (i, 0usize, 1usize);
+            for (axis, &dim) in shape.iter().enumerate().rev() {
+                let coordinate = rest % dim as usize;
+                rest /= dim as usize;
+                let offset = axis as isize - (shape.len() - from.len()) as isize;
+                if offset >= 0 {
+                    let d = from[offset as usize] as usize;
+                    at += if d == 1 { 0 } else { coordinate * stride };
+                    stride *= d;
+                }
+            }
+            at
+        };
+        let values: Vec<i32> = (0..n)
+            .map(|i| {
+                let (p, q) = (x[source(&a.0.shape, i)] as i64, y[source(&b.0.shape, i)] as i64);
+                let v = match op {
+                    Op::Add => p.wrapping_add(q),
+                    Op::Subtract => p.wrapping_sub(q),
+                    _ => p.wrapping_mul(q),
+                };
+                v as i32
+            })
+            .collect();
+        self.from_i32(&values, &shape)
     }
 
     fn unary(&self, op: Op, a: &Array) -> OpResult<Array> {
@@ -295,7 +348,8 @@ impl Backend for CpuBackend {
         Ok(Array::ready(shape.to_vec(), dtype, Buffer::from_bytes(bytes)))
     }
 
-    fn from_blocks(&self, ggml_type: u32, bytes: &[u8], shape: &[i32]) -> OpResult<Option<Array>> {
+    fn from_blocks(&self, ggml_type: u32, map: &Arc<Mmap>, range: Range<usize>, shape: &[i32]) -> OpResult<Option<Array>> {
+        let bytes = map.get(range.clone()).ok_or("block data lies outside the file")?;
         let row = *shape.last().ok_or("a block-quantized scalar")? as i64;
         let rows = checks::elements(shape)? as i64 / row.max(1);
         // SAFETY: pure functions of the type id, which is checked to be a type ggml knows first.
@@ -311,7 +365,7 @@ impl Backend for CpuBackend {
         if shape.len() > 4 {
             return Err(format!("block-quantized arrays hold at most 4 dimensions, not {shape:?}"));
         }
-        let node = Node { shape: shape.to_vec(), dtype: DType::F32, blocks: Some(ggml_type), state: Mutex::new(State::Ready(Arc::new(Buffer::from_bytes(bytes)))), dequantized: OnceLock::new() };
+        let node = Node { shape: shape.to_vec(), dtype: DType::F32, blocks: Some(ggml_type), state: Mutex::new(State::Ready(Arc::new(Buffer { storage: Storage::Mapped { map: map.clone(), offset: range.start }, len: bytes.len() }))), dequantized: OnceLock::new() };
         Ok(Some(Array(Arc::new(node))))
     }
 

@@ -85,7 +85,7 @@ impl Backend for MlxBackend {
     }
 
     /// MLX has no ggml block formats: the caller dequantizes instead.
-    fn from_blocks(&self, _ggml_type: u32, _bytes: &[u8], _shape: &[i32]) -> OpResult<Option<Array>> {
+    fn from_blocks(&self, _: u32, _: &std::sync::Arc<memmap2::Mmap>, _: std::ops::Range<usize>, _: &[i32]) -> OpResult<Option<Array>> {
         Ok(None)
     }
 

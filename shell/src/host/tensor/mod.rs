@@ -14,6 +14,9 @@ pub mod mlx;
 
 use crate::adapter::bindings::edgechat::adapter::tensor as wit;
 use crate::host::HostState;
+use memmap2::Mmap;
+use std::ops::Range;
+use std::sync::Arc;
 use wasmtime::component::Resource;
 
 pub use active::{ActiveBackend, BackendKind};
@@ -69,9 +72,9 @@ pub trait Backend {
     fn from_i32(&self, data: &[i32], shape: &[i32]) -> OpResult<Self::Array>;
     /// An array from little-endian raw element bytes (checkpoint data; need not be aligned).
     fn from_bytes(&self, dtype: DType, bytes: &[u8], shape: &[i32]) -> OpResult<Self::Array>;
-    /// An array over ggml block-quantized rows (`ggml_type` as GGUF numbers it) that computes as the
-    /// f32 values the blocks encode; None when the backend cannot multiply blocks.
-    fn from_blocks(&self, ggml_type: u32, bytes: &[u8], shape: &[i32]) -> OpResult<Option<Self::Array>>;
+    /// An array over ggml block-quantized rows (`ggml_type` as GGUF numbers it) at `range` of a mapped
+    /// file, computing as the f32 values the blocks encode; None when the backend cannot multiply blocks.
+    fn from_blocks(&self, ggml_type: u32, map: &Arc<Mmap>, range: Range<usize>, shape: &[i32]) -> OpResult<Option<Self::Array>>;
     fn shape(&self, a: &Self::Array) -> Vec<i32>;
     fn dtype(&self, a: &Self::Array) -> DType;
 

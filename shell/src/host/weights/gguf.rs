@@ -96,7 +96,8 @@ impl TensorEntry {
 
 pub struct GgufCheckpoint {
     path: PathBuf,
-    map: Mmap,
+    /// Shared with the cpu backend, whose block-quantized arrays point into it.
+    map: std::sync::Arc<Mmap>,
     metadata: Map<String, Value>,
     tensors: BTreeMap<String, TensorEntry>,
     data_start: usize,
@@ -189,7 +190,7 @@ impl GgufCheckpoint {
         // SAFETY: read-only mapping of the user's model file, which edgechat does not modify while open.
         let map = unsafe { Mmap::map(&file) }.with_context(|| format!("mapping {}", path.display()))?;
         let (metadata, tensors, data_start) = Self::parse(&map).with_context(|| format!("{} is not a valid GGUF file", path.display()))?;
-        Ok(GgufCheckpoint { path: path.to_owned(), map, metadata, tensors, data_start })
+        Ok(GgufCheckpoint { path: path.to_owned(), map: std::sync::Arc::new(map), metadata, tensors, data_start })
     }
 
     /// Parses and checks the header and tensor directory (public for the fuzz tests). Never panics.
@@ -263,7 +264,7 @@ impl GgufCheckpoint {
 
     /// A block-quantized tensor's bytes as stored, with its ggml type id and row-major shape; None for
     /// float tensors.
-    fn blocks(&self, name: &str) -> Result<Option<(u32, &[u8], Vec<usize>)>, String> {
+    fn blocks(&self, name: &str) -> Result<Option<(u32, std::ops::Range<usize>, Vec<usize>)>, String> {
         let file = self.path.display();
         let t = self.tensors.get(name).ok_or_else(|| format!("{file}: no tensor {name}"))?;
         let ty = GgmlType::from_id(t.type_id).ok_or_else(|| format!("{file}: tensor {name} has ggml type {} which edgechat cannot read", t.type_id))?;
@@ -274,8 +275,11 @@ impl GgufCheckpoint {
         if t.shape.last().is_none_or(|&row| row % ty.block().0 != 0) {
             return Err(format!("{file}: tensor {name}: rows of {:?} are not whole {ty:?} blocks", t.shape));
         }
-        let bytes = self.map.get(start..start.saturating_add(len)).ok_or_else(|| format!("{file}: tensor {name} lies outside the file (truncated?)"))?;
-        Ok(Some((t.type_id, bytes, t.shape.clone())))
+        let range = start..start.saturating_add(len);
+        if self.map.get(range.clone()).is_none() {
+            return Err(format!("{file}: tensor {name} lies outside the file (truncated?)"));
+        }
+        Ok(Some((t.type_id, range, t.shape.clone())))
     }
 
     /// The tensor dequantized to f32, row-major.
@@ -386,9 +390,9 @@ fn dequantize(ty: GgmlType, bytes: &[u8], elements: usize) -> Vec<f32> {
 
 impl Checkpoint for GgufCheckpoint {
     fn get_blocks(&self, backend: &ActiveBackend, name: &str) -> Result<Option<Loaded>, String> {
-        let Some((type_id, bytes, shape)) = self.blocks(name)? else { return Ok(None) };
+        let Some((type_id, range, shape)) = self.blocks(name)? else { return Ok(None) };
         let shape: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
-        let array = backend.from_blocks(type_id, bytes, &shape).map_err(|e| format!("{}: tensor {name}: {e}", self.path.display()))?;
+        let array = backend.from_blocks(type_id, &self.map, range, &shape).map_err(|e| format!("{}: tensor {name}: {e}", self.path.display()))?;
         Ok(array.map(Loaded::Dense))
     }
 
