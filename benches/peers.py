@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """edgechat against llama.cpp, in one sitting, on the same GGUF and the same threads.
 
-Builds llama.cpp's `llama-bench` from the sources llama-cpp-sys-2 vendors (the very ggml edgechat's cpu
-backend links, pinned by Cargo.lock), then runs it and `edgechat bench` on both backends with 512 prompt
+Builds llama.cpp's `llama-bench` from pinned sources (the llama-cpp-python sdist on PyPI; edgechat's
+cpu backend links the ggml that llama-cpp-sys-2 vendors), then runs it and `edgechat bench` on both backends with 512 prompt
 and 128 generated tokens, 3 runs each, and prints a markdown table (tokens/s, ratios to llama.cpp, peak
 RSS, the adapter's share of decode time). Standard library only.
 
@@ -12,13 +12,16 @@ EDGECHAT_THREADS sets the threads for both (default: every core). The edgechat b
 release mode first.
 """
 
+import hashlib
 import json
 import os
 import pathlib
 import resource
 import subprocess
 import sys
+import tarfile
 import time
+import urllib.request
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROMPT, GEN, RUNS = 512, 128, 3
@@ -38,25 +41,43 @@ def peak_rss_of(cmd, env=None):
     return out, after * 1024 if after > before else None
 
 
+# llama.cpp as the llama-cpp-python sdist on PyPI vendors it (the crate's vendored copy leaves out the
+# tools): pinned by version and sha256.
+SDIST = ("0.3.36", "https://files.pythonhosted.org/packages/ec/e9/e7de2b0463ea3ffbf0ede6cb21b58c1258a8f6521aae45ca773a59fe7cf3/"
+         "llama_cpp_python-0.3.36.tar.gz", "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e")
+
+
 def llama_cpp_sources():
-    meta = json.loads(run(["cargo", "metadata", "--format-version", "1"], cwd=ROOT, stdout=subprocess.PIPE).stdout)
-    package = next(p for p in meta["packages"] if p["name"] == "llama-cpp-sys-2")
-    return package["version"], pathlib.Path(package["manifest_path"]).parent / "llama.cpp"
+    version, url, sha256 = SDIST
+    root = ROOT / "target" / "peers"
+    src = root / f"llama_cpp_python-{version}" / "vendor" / "llama.cpp"
+    if not src.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        archive = root / f"llama_cpp_python-{version}.tar.gz"
+        if not archive.exists():
+            print(f"fetching {url}", file=sys.stderr)
+            urllib.request.urlretrieve(url, archive)
+        if hashlib.sha256(archive.read_bytes()).hexdigest() != sha256:
+            archive.unlink()
+            sys.exit(f"{url} does not have the pinned sha256")
+        with tarfile.open(archive) as tar:
+            tar.extractall(root, filter="data")
+    return f"llama-cpp-python {version}", src
 
 
 def build_llama_bench(threads):
     version, src = llama_cpp_sources()
-    build = ROOT / "target" / "peers" / f"llama.cpp-{version}"
+    build = src.parent.parent / "build"
     binary = build / "bin" / "llama-bench"
     if not binary.exists():
         started = time.time()
         # The cmake variables edgechat's build sets for MLX must not reach this build.
         env = {k: v for k, v in os.environ.items() if k not in ("CMAKE_TOOLCHAIN_FILE", "CPATH", "BINDGEN_EXTRA_CLANG_ARGS")}
         run(["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DGGML_OPENMP=OFF",
-             "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-             "-DLLAMA_BUILD_TOOLS=ON"], env=env, stdout=subprocess.DEVNULL)
+             "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
+             "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON"], env=env, stdout=subprocess.DEVNULL)
         run(["cmake", "--build", build, "--target", "llama-bench", "-j", str(threads)], env=env, stdout=subprocess.DEVNULL)
-        print(f"built llama-bench {version} in {time.time() - started:.0f} s", file=sys.stderr)
+        print(f"built llama-bench in {time.time() - started:.0f} s", file=sys.stderr)
     return version, binary
 
 
@@ -83,7 +104,7 @@ def main():
                             "-r", str(RUNS), "-o", "json"])
     results = json.loads(out)
     speed = {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in results}
-    rows.append(("llama.cpp " + version, speed["pp"], speed["tg"], rss, None))
+    rows.append((f"llama.cpp ({version})", speed["pp"], speed["tg"], rss, None))
     for backend in ("cpu", "mlx"):
         result, rss = edgechat_bench(edgechat, model, backend, threads)
         label = f"edgechat {backend} ({result['dtype']})"
