@@ -8,8 +8,8 @@ RSS, the adapter's share of decode time). Standard library only.
 
     python3 benches/peers.py [MODEL_ID]      # default gemma-3-270m (`cargo xtask demo-model`)
 
-EDGECHAT_THREADS sets the threads for both (default: every core). The edgechat binary is built in
-release mode first.
+EDGECHAT_THREADS sets the threads for both (default: every core). edgechat is built as `cargo run`
+builds it.
 """
 
 import hashlib
@@ -81,9 +81,9 @@ def build_llama_bench(threads):
     return version, binary
 
 
-def edgechat_bench(binary, model, backend, threads):
-    env = dict(os.environ, EDGECHAT_THREADS=str(threads))
-    out, rss = peak_rss_of([binary, "--backend", backend, "bench", model, "--prompt-tokens", str(PROMPT),
+def edgechat_bench(binary, model, backend, dtype, threads, adapter_engine="cranelift"):
+    env = dict(os.environ, EDGECHAT_THREADS=str(threads), EDGECHAT_ADAPTER_ENGINE=adapter_engine)
+    out, rss = peak_rss_of([binary, "--backend", backend, "bench", model, "--dtype", dtype, "--prompt-tokens", str(PROMPT),
                                 "--gen-tokens", str(GEN), "--runs", str(RUNS), "--json"], env)
     return json.loads(out.strip().splitlines()[-1]), rss
 
@@ -92,8 +92,9 @@ def main():
     model = sys.argv[1] if len(sys.argv) > 1 else "gemma-3-270m"
     threads = int(os.environ.get("EDGECHAT_THREADS") or os.cpu_count())
     version, llama_bench = build_llama_bench(threads)
-    run(["cargo", "build", "--release", "--quiet", "-p", "edgechat"], cwd=ROOT)
-    edgechat = ROOT / "target" / "release" / "edgechat"
+    # The workspace's one profile (dependencies at opt-level 3, our code at 1), as `cargo run` builds it.
+    run(["cargo", "build", "--quiet", "--workspace"], cwd=ROOT)
+    edgechat = pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target") / "debug" / "edgechat"
     data = pathlib.Path(os.environ.get("EDGECHAT_HOME") or pathlib.Path.home() / ".local/share/edgechat")
     gguf = data / "Models" / model / "model.gguf"
     if not gguf.exists():
@@ -105,9 +106,10 @@ def main():
     results = json.loads(out)
     speed = {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in results}
     rows.append((f"llama.cpp ({version})", speed["pp"], speed["tg"], rss, None))
-    for backend in ("cpu", "mlx"):
-        result, rss = edgechat_bench(edgechat, model, backend, threads)
-        label = f"edgechat {backend} ({result['dtype']})"
+    # The cpu backend multiplies the GGUF's blocks as stored (auto); MLX runs them dequantized to f32.
+    for backend, dtype, engine in (("cpu", "auto", "cranelift"), ("cpu", "auto", "pulley"), ("mlx", "f32", "cranelift")):
+        result, rss = edgechat_bench(edgechat, model, backend, dtype, threads, engine)
+        label = f"edgechat {backend} ({result['dtype']}, adapter on {engine})"
         rows.append((label, result["prefill_tokens_per_s"], result["decode_tokens_per_s"], result.get("peak_rss_bytes") or rss,
                      result["boundary_share"]))
 

@@ -80,7 +80,7 @@ fn quantized_execution_agrees_with_f32_on_real_text() {
     let text = std::fs::read_to_string(common::fixture("text/harbor.txt")).unwrap();
     let tokens = tokenizer.encode(text.as_str(), true).unwrap().get_ids().to_vec();
     assert!(tokens.len() > 500, "{} tokens", tokens.len());
-    let mut run = |precision| {
+    let run = |precision| {
         let checkpoint = GgufCheckpoint::open(&gguf).unwrap();
         let mut model = Model::load(&common::load("gemma"), OpenCheckpoint::new(Box::new(checkpoint), precision)).unwrap();
         teacher_forced(&mut model, &tokens)

@@ -94,6 +94,11 @@ pub enum AdapterError {
 /// How often the epoch advances: the granularity of call deadlines.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
 
+/// What runs adapter code: "cranelift" (machine code) or "pulley" (wasmtime's interpreter).
+pub fn engine_kind() -> &'static str {
+    if std::env::var("EDGECHAT_ADAPTER_ENGINE").as_deref() == Ok("pulley") { "pulley" } else { "cranelift" }
+}
+
 /// The process's one wasmtime engine, and the thread that advances its epoch for deadlines.
 fn shared_engine() -> Result<Engine> {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
@@ -102,6 +107,15 @@ fn shared_engine() -> Result<Engine> {
     }
     let mut config = Config::new();
     config.wasm_component_model(true).consume_fuel(true).epoch_interruption(true);
+    // EDGECHAT_ADAPTER_ENGINE=pulley runs adapters on wasmtime's Pulley interpreter instead of machine
+    // code from Cranelift: how they run where JIT is forbidden (iOS), measured by `edgechat bench`.
+    match std::env::var("EDGECHAT_ADAPTER_ENGINE").as_deref() {
+        Ok("pulley") => {
+            config.target(if cfg!(target_pointer_width = "64") { "pulley64" } else { "pulley32" })?;
+        }
+        Ok("cranelift") | Ok("") | Err(_) => {}
+        Ok(other) => anyhow::bail!("EDGECHAT_ADAPTER_ENGINE={other:?}: expected cranelift or pulley"),
+    }
     let engine = Engine::new(&config)?;
     let engine = ENGINE.get_or_init(|| {
         let ticking = engine.clone();

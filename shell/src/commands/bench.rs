@@ -61,6 +61,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             "{}",
             serde_json::json!({
                 "model": args.model, "architecture": files.architecture, "backend": crate::host::tensor::active::chosen().name(), "engine": crate::host::tensor::Backend::name(&crate::host::tensor::ActiveBackend::default()),
+                "adapter_engine": crate::adapter::engine_kind(),
                 "dtype": format!("{precision:?}").to_lowercase(), "load_seconds": load_time.as_secs_f64(),
                 "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
                 "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,

@@ -95,8 +95,24 @@ enum Storage {
 struct Chunk([u8; 64]);
 
 impl Buffer {
+    /// Zeroed memory from the allocator (fresh pages are not written twice).
     fn zeroed(len: usize) -> Buffer {
-        Buffer { storage: Storage::Owned(vec![Chunk([0; 64]); len.div_ceil(64)]), len }
+        let chunks = len.div_ceil(64);
+        let storage = if chunks == 0 {
+            Vec::new()
+        } else {
+            let layout = std::alloc::Layout::array::<Chunk>(chunks).expect("a buffer within the byte cap");
+            // SAFETY: a non-zero layout; all-zero bytes are a valid Chunk; the Vec takes ownership of
+            // exactly this allocation with this layout.
+            unsafe {
+                let ptr = std::alloc::alloc_zeroed(layout).cast::<Chunk>();
+                if ptr.is_null() {
+                    std::alloc::handle_alloc_error(layout);
+                }
+                Vec::from_raw_parts(ptr, chunks, chunks)
+            }
+        };
+        Buffer { storage: Storage::Owned(storage), len }
     }
 
     fn from_bytes(bytes: &[u8]) -> Buffer {
@@ -169,6 +185,12 @@ impl Drop for Node {
             }
         }
     }
+}
+
+/// `elements` values of ggml type `ggml_type` (GGUF's numbering) as f32, by ggml's reference
+/// dequantizer. `bytes` must hold exactly those elements in whole blocks (the GGUF reader checks).
+pub fn to_f32(ggml_type: u32, bytes: &[u8], elements: usize) -> Vec<f32> {
+    lower::to_f32(ggml_type, bytes, elements)
 }
 
 fn values_fill(len: usize, shape: &[i32]) -> OpResult<()> {
@@ -577,7 +599,11 @@ impl Backend for CpuBackend {
 
     fn read_f32(&self, a: &Array) -> OpResult<Vec<f32>> {
         let data = self.computed(a)?;
-        Ok(to_f64(data.bytes(), a.0.dtype).into_iter().map(|v| v as f32).collect())
+        Ok(match a.0.dtype {
+            // The logits of every decode step: read without a detour through f64.
+            DType::F32 => data.bytes().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            other => to_f64(data.bytes(), other).into_iter().map(|v| v as f32).collect(),
+        })
     }
 
     fn int_range(&self, a: &Array) -> OpResult<Option<(i64, i64)>> {

@@ -1,12 +1,11 @@
-//! GGUF checkpoints (llama.cpp's single-file format): metadata, tensor directory, and exact
-//! dequantization of F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K to f32 on
-//! import, following ggml's reference dequantizers operation for operation.
+//! GGUF checkpoints (llama.cpp's single-file format): metadata, tensor directory, and the tensors of
+//! types F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K and Q6_K — kept as blocks for the cpu
+//! backend, or dequantized to f32 by ggml's own reference dequantizers.
 
 use super::{Checkpoint, Loaded};
 use crate::adapter::bindings::edgechat::adapter::weights::CheckpointFormat;
 use crate::host::tensor::{ActiveBackend, Backend};
 use anyhow::{bail, Context, Result};
-use half::f16;
 use memmap2::Mmap;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -292,100 +291,8 @@ impl GgufCheckpoint {
             .map
             .get(start..start.saturating_add(len))
             .ok_or_else(|| format!("{file}: tensor {name} lies outside the file (truncated?)"))?;
-        Ok((dequantize(ty, bytes, len / ty.block().1 * ty.block().0), t.shape.clone()))
+        Ok((crate::host::tensor::cpu::to_f32(t.type_id, bytes, len / ty.block().1 * ty.block().0), t.shape.clone()))
     }
-}
-
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
-}
-
-/// ggml's get_scale_min_k4: the 6-bit scale and min of sub-block `j` of a K-quant block.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
-    }
-}
-
-fn dequantize(ty: GgmlType, bytes: &[u8], elements: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(elements);
-    let (_, block_bytes) = ty.block();
-    match ty {
-        GgmlType::F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
-        GgmlType::F16 => out.extend(bytes.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())),
-        GgmlType::BF16 => out.extend(bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())),
-        _ => {
-            for b in bytes.chunks_exact(block_bytes) {
-                match ty {
-                    GgmlType::Q8_0 => {
-                        let d = f16_at(b, 0);
-                        out.extend(b[2..34].iter().map(|&q| q as i8 as f32 * d));
-                    }
-                    GgmlType::Q4_0 | GgmlType::Q4_1 => {
-                        let d = f16_at(b, 0);
-                        let (m, qs) = if ty == GgmlType::Q4_1 { (f16_at(b, 2), &b[4..20]) } else { (0.0, &b[2..18]) };
-                        let value = |q: u8| if ty == GgmlType::Q4_1 { q as f32 * d + m } else { (q as i32 - 8) as f32 * d };
-                        out.extend(qs.iter().map(|&q| value(q & 0xF)));
-                        out.extend(qs.iter().map(|&q| value(q >> 4)));
-                    }
-                    GgmlType::Q5_0 | GgmlType::Q5_1 => {
-                        let d = f16_at(b, 0);
-                        let (m, at) = if ty == GgmlType::Q5_1 { (f16_at(b, 2), 4) } else { (0.0, 2) };
-                        let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
-                        let qs = &b[at + 4..at + 20];
-                        let value = |q: u32| if ty == GgmlType::Q5_1 { q as f32 * d + m } else { (q as i32 - 16) as f32 * d };
-                        out.extend((0..16).map(|j| value((qs[j] & 0xF) as u32 | (((qh >> j) << 4) & 0x10))));
-                        out.extend((0..16).map(|j| value((qs[j] >> 4) as u32 | ((qh >> (j + 12)) & 0x10))));
-                    }
-                    GgmlType::Q4K => {
-                        let (d, dmin, scales, qs) = (f16_at(b, 0), f16_at(b, 2), &b[4..16], &b[16..144]);
-                        for (i, q) in qs.chunks_exact(32).enumerate() {
-                            let (sc1, m1) = scale_min_k4(2 * i, scales);
-                            let (sc2, m2) = scale_min_k4(2 * i + 1, scales);
-                            let (d1, m1, d2, m2) = (d * sc1 as f32, dmin * m1 as f32, d * sc2 as f32, dmin * m2 as f32);
-                            out.extend(q.iter().map(|&x| d1 * (x & 0xF) as f32 - m1));
-                            out.extend(q.iter().map(|&x| d2 * (x >> 4) as f32 - m2));
-                        }
-                    }
-                    GgmlType::Q5K => {
-                        let (d, dmin, scales, qh, qs) = (f16_at(b, 0), f16_at(b, 2), &b[4..16], &b[16..48], &b[48..176]);
-                        for (i, ql) in qs.chunks_exact(32).enumerate() {
-                            let (sc1, m1) = scale_min_k4(2 * i, scales);
-                            let (sc2, m2) = scale_min_k4(2 * i + 1, scales);
-                            let (d1, m1, d2, m2) = (d * sc1 as f32, dmin * m1 as f32, d * sc2 as f32, dmin * m2 as f32);
-                            let (u1, u2) = (1u8 << (2 * i), 2u8 << (2 * i));
-                            out.extend((0..32).map(|l| d1 * ((ql[l] & 0xF) + if qh[l] & u1 != 0 { 16 } else { 0 }) as f32 - m1));
-                            out.extend((0..32).map(|l| d2 * ((ql[l] >> 4) + if qh[l] & u2 != 0 { 16 } else { 0 }) as f32 - m2));
-                        }
-                    }
-                    GgmlType::Q6K => {
-                        let (ql, qh, sc, d) = (&b[0..128], &b[128..192], &b[192..208], f16_at(b, 208));
-                        for n in 0..2 {
-                            let (ql, qh, sc) = (&ql[64 * n..], &qh[32 * n..], &sc[8 * n..]);
-                            let mut y = [0f32; 128];
-                            for l in 0..32 {
-                                let is = l / 16;
-                                let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
-                                let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
-                                let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
-                                let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
-                                let s = |k: usize| d * (sc[is + k] as i8) as f32;
-                                y[l] = s(0) * q1 as f32;
-                                y[l + 32] = s(2) * q2 as f32;
-                                y[l + 64] = s(4) * q3 as f32;
-                                y[l + 96] = s(6) * q4 as f32;
-                            }
-                            out.extend_from_slice(&y);
-                        }
-                    }
-                    GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("handled above"),
-                }
-            }
-        }
-    }
-    out
 }
 
 impl Checkpoint for GgufCheckpoint {

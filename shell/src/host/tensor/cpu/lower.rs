@@ -101,6 +101,24 @@ pub(super) unsafe fn row_size(ty: u32, n: i64) -> usize {
     unsafe { g::ggml_row_size(ty, n) }
 }
 
+pub(super) fn to_f32(ty: u32, bytes: &[u8], elements: usize) -> Vec<f32> {
+    let mut out = vec![0f32; elements];
+    // SAFETY: the type id is below GGML_TYPE_COUNT and has a dequantizer (checked); the caller guarantees
+    // `bytes` holds `elements` values of it in whole blocks, and `out` has room for them.
+    unsafe {
+        assert!(ty < TYPE_COUNT, "ggml type {ty}");
+        let traits = g::ggml_get_type_traits(ty);
+        let size = g::ggml_row_size(ty, elements as i64);
+        assert_eq!(size, bytes.len(), "{elements} values of ggml type {ty} are {size} bytes");
+        match (*traits).to_float {
+            Some(to_float) => to_float(bytes.as_ptr().cast(), out.as_mut_ptr(), elements as i64),
+            None if ty == g::GGML_TYPE_F32 => out.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            None => panic!("ggml type {ty} has no dequantizer"),
+        }
+    }
+    out
+}
+
 fn quantized(t: T) -> bool {
     // SAFETY: t is a live tensor; the type is one ggml created it with.
     unsafe { g::ggml_is_quantized((*t).type_) }
@@ -240,21 +258,42 @@ impl Graph {
                 let t = lowered[&Arc::as_ptr(&node.0)];
                 // SAFETY: graph construction over tensors of this context.
                 let out = unsafe { if g::ggml_is_contiguous(t) { t } else { g::ggml_cont(self.ctx, t) } };
+                // An op's result is written straight into the buffer that keeps it (no copy afterwards);
+                // a view of data already held is copied out.
+                let mut own = None;
                 unsafe {
                     g::ggml_set_output(out);
                     g::ggml_build_forward_expand(self.graph, out);
+                    if (*out).view_src.is_null() && (*out).data.is_null() {
+                        let buffer = Buffer::zeroed(g::ggml_nbytes(out));
+                        (*out).data = buffer.ptr();
+                        own = Some(buffer);
+                    }
                 }
-                outputs.push((node, out));
+                outputs.push((node, out, own));
+            }
+        }
+        // Views of those results were made before the results had memory; ggml's allocator leaves views
+        // of memory it does not own alone, so they are pointed at it here.
+        // SAFETY: every node belongs to this graph; view_offs lies within the viewed tensor.
+        unsafe {
+            for i in 0..g::ggml_graph_n_nodes(self.graph) {
+                let t = g::ggml_graph_node(self.graph, i);
+                let source = (*t).view_src;
+                if !source.is_null() && (*t).data.is_null() && !(*source).data.is_null() && (*source).buffer.is_null() {
+                    (*t).data = (*source).data.cast::<u8>().add((*t).view_offs).cast();
+                }
             }
         }
         self.compute(runner)?;
-        for (node, out) in outputs {
+        for (node, out, own) in outputs {
             // SAFETY: after compute, out's data holds ggml_nbytes(out) bytes.
             let bytes = unsafe { std::slice::from_raw_parts((*out).data as *const u8, g::ggml_nbytes(out)) };
             if bytes.len() != node.elements() * node.0.dtype.size() {
                 return Err("the cpu backend produced a result of the wrong size".into());
             }
-            *node.state() = State::Ready(Arc::new(Buffer::from_bytes(bytes)));
+            let buffer = own.unwrap_or_else(|| Buffer::from_bytes(bytes));
+            *node.state() = State::Ready(Arc::new(buffer));
         }
         Ok(())
     }
