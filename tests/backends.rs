@@ -127,3 +127,27 @@ fn an_evaluated_graph_leaves_every_result_still_referenced_usable() {
     assert_eq!(be.read_f32(&later).unwrap(), vec![3.0, 5.0]);
     assert_eq!(be.read_f32(&result).unwrap(), vec![3.0, 6.0]);
 }
+
+/// The cpu backend appends to a cache in place when nothing else holds the old cache; the result must
+/// equal plain concatenation at every step, and an old cache someone still holds must never change.
+#[test]
+fn a_cache_appended_in_place_equals_concatenation_and_held_arrays_never_change() {
+    let be = CpuBackend;
+    let mut cache = be.from_f32(&[0.0; 4], &[1, 1, 1, 4]).unwrap();
+    let mut expected = vec![0.0f32; 4];
+    let mut held = Vec::new();
+    for step in 1..40 {
+        let row: Vec<f32> = (0..4).map(|i| (step * 10 + i) as f32).collect();
+        let grown = be.concatenate(&[&cache, &be.from_f32(&row, &[1, 1, 1, 4]).unwrap()], 2).unwrap();
+        if step % 7 == 0 {
+            held.push((cache.clone(), expected.clone()));
+        }
+        cache = grown;
+        expected.extend(&row);
+        be.eval(&[&cache]).unwrap();
+        assert_eq!(be.read_f32(&cache).unwrap(), expected, "step {step}");
+    }
+    for (array, values) in held {
+        assert_eq!(be.read_f32(&array).unwrap(), values);
+    }
+}

@@ -115,6 +115,19 @@ impl Buffer {
         Buffer { storage: Storage::Owned(storage), len }
     }
 
+    /// Extends owned bytes to `len` (zeros after the old end), keeping room to grow geometrically.
+    /// False for mapped data, which never grows.
+    fn grow(&mut self, len: usize) -> bool {
+        let Storage::Owned(chunks) = &mut self.storage else { return false };
+        let needed = len.div_ceil(64);
+        if needed > chunks.len() {
+            chunks.reserve(needed.max(chunks.len() * 2) - chunks.len());
+            chunks.resize(needed, Chunk([0; 64]));
+        }
+        self.len = len.max(self.len);
+        true
+    }
+
     fn from_bytes(bytes: &[u8]) -> Buffer {
         let mut b = Buffer::zeroed(bytes.len());
         b.bytes_mut().copy_from_slice(bytes);

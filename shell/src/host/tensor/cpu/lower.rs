@@ -201,6 +201,8 @@ struct Graph {
     /// Buffers our leaves point into, kept alive until the graph is freed.
     held: Vec<Arc<Buffer>>,
     leaves: HashMap<*const super::Node, T>,
+    /// Appends computed in place (see [`Graph::append`]): the buffer each such node ends up holding.
+    appended: HashMap<*const super::Node, Arc<Buffer>>,
 }
 
 impl Drop for Graph {
@@ -221,7 +223,7 @@ impl Graph {
                 return Err("ggml could not allocate a graph context".into());
             }
             let graph = g::ggml_new_graph_custom(ctx, size, false);
-            Ok(Graph { ctx, graph, held: Vec::new(), leaves: HashMap::new() })
+            Ok(Graph { ctx, graph, held: Vec::new(), leaves: HashMap::new(), appended: HashMap::new() })
         }
     }
 
@@ -231,6 +233,9 @@ impl Graph {
             let t = {
                 let state = node.state();
                 let State::Pending(op, inputs) = &*state else { continue };
+                if let Some(t) = self.append(op, inputs, node, &lowered)? {
+                    t
+                } else {
                 let mut args = Vec::with_capacity(inputs.len());
                 for input in inputs {
                     args.push(match lowered.get(&Arc::as_ptr(&input.0)) {
@@ -239,6 +244,7 @@ impl Graph {
                     });
                 }
                 self.op(op, &args, inputs, node)?
+                }
             };
             let expected = ne(&node.0.shape)?;
             // A transposed view of block-quantized data keeps the blocks (for a matrix product to read).
@@ -292,8 +298,12 @@ impl Graph {
             if bytes.len() != node.elements() * node.0.dtype.size() {
                 return Err("the cpu backend produced a result of the wrong size".into());
             }
-            let buffer = own.unwrap_or_else(|| Buffer::from_bytes(bytes));
-            *node.state() = State::Ready(Arc::new(buffer));
+            let buffer = match (self.appended.remove(&Arc::as_ptr(&node.0)), own) {
+                (Some(appended), _) => appended,
+                (None, Some(own)) => Arc::new(own),
+                (None, None) => Arc::new(Buffer::from_bytes(bytes)),
+            };
+            *node.state() = State::Ready(buffer);
         }
         Ok(())
     }
@@ -316,6 +326,42 @@ impl Graph {
             }
         }
         Ok(())
+    }
+
+    /// A cache growing by one step — concatenate(old, new) along an axis with only unit axes before it,
+    /// where nothing but this op still holds `old` — is computed by writing `new` after `old`'s bytes in
+    /// old's own buffer (grown geometrically), instead of copying the whole history every token.
+    fn append(&mut self, op: &Op, inputs: &[Array], node: &Array, lowered: &HashMap<*const super::Node, T>) -> OpResult<Option<T>> {
+        let Op::Concat(axis) = op else { return Ok(None) };
+        let [old, new] = inputs else { return Ok(None) };
+        let f32s = [&node.0, &old.0].iter().all(|n| n.dtype == DType::F32 && n.blocks.is_none());
+        if !f32s || node.0.shape[..*axis].iter().any(|&d| d != 1) || Arc::strong_count(&old.0) != 1 || new.elements() == 0 {
+            return Ok(None);
+        }
+        let buffer = {
+            let mut state = old.state();
+            let State::Ready(buffer) = &mut *state else { return Ok(None) };
+            let Some(data) = Arc::get_mut(buffer) else { return Ok(None) };
+            if !data.grow(node.elements() * 4) {
+                return Ok(None);
+            }
+            buffer.clone()
+        };
+        let old_bytes = old.elements() * 4;
+        let new_t = match lowered.get(&Arc::as_ptr(&new.0)) {
+            Some(&t) => t,
+            None => self.leaf(new)?,
+        };
+        let full = self.data(g::GGML_TYPE_F32, &ne(&node.0.shape)?, buffer.clone());
+        let new_t = self.act(new_t)?;
+        // SAFETY: the tail view lies inside `full` (old bytes + new elements = the grown length); the copy
+        // is added to the graph before any op that reads `full`, and ggml runs nodes in order.
+        unsafe {
+            let tail = g::ggml_view_1d(self.ctx, full, new.elements() as i64, old_bytes);
+            g::ggml_build_forward_expand(self.graph, g::ggml_cpy(self.ctx, new_t, tail));
+        }
+        self.appended.insert(Arc::as_ptr(&node.0), buffer);
+        Ok(Some(full))
     }
 
     /// A computed array as a ggml tensor over its buffer (no copy).
