@@ -593,7 +593,8 @@ impl Graph {
         let seq = ne_of(x)[1];
         let positions: Vec<u8> = (0..seq).flat_map(|i| (p.offset + i as i32).to_le_bytes()).collect();
         let positions = self.data(g::GGML_TYPE_I32, &[seq, 1, 1, 1], Arc::new(Buffer::from_bytes(&positions)));
-        let heads_outer = g::ggml_cont(ctx, g::ggml_permute(ctx, x, 0, 2, 1, 3));
+        // ggml's rope reads its input through strides: the permutation is a view, not a copy.
+        let heads_outer = g::ggml_permute(ctx, x, 0, 2, 1, 3);
         // ggml's rope modes: 0 rotates interleaved pairs, GGML_ROPE_TYPE_NEOX (2) the two halves.
         let mode = if p.traditional { 0 } else { 2 };
         let rotated = g::ggml_rope_ext(ctx, heads_outer, positions, std::ptr::null_mut(), p.dims, mode, 0, p.base, p.scale, 0.0, 1.0, 0.0, 0.0);
