@@ -41,8 +41,12 @@ impl Reference {
 }
 
 fn load(adapter: &str, model: &str) -> Model {
+    load_with(&common::load(adapter), model)
+}
+
+fn load_with(adapter: &edgechat::adapter::Adapter, model: &str) -> Model {
     let checkpoint = SafetensorsCheckpoint::open(&common::fixture(&format!("tiny/{model}"))).unwrap();
-    Model::load(&common::load(adapter), OpenCheckpoint::new(Box::new(checkpoint), Precision::F32)).unwrap()
+    Model::load(adapter, OpenCheckpoint::new(Box::new(checkpoint), Precision::F32)).unwrap()
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -66,8 +70,12 @@ fn greedy(model: &mut Model, prompt: &[u32], n: usize) -> Vec<u32> {
 }
 
 fn check_model(adapter: &str, name: &str) {
+    check_model_with(&common::load(adapter), name)
+}
+
+fn check_model_with(adapter: &edgechat::adapter::Adapter, name: &str) {
     let reference = Reference::load(name);
-    let mut model = load(adapter, name);
+    let mut model = load_with(adapter, name);
     assert_eq!(model.vocab as usize, VOCAB);
     for seq in ["len5", "len24", "len40"] {
         let ids = reference.ids(seq);
@@ -106,6 +114,16 @@ fn check_model(adapter: &str, name: &str) {
 #[test]
 fn gemma3_matches_transformers() {
     check_model("gemma", "tiny-gemma3");
+}
+
+/// An adapter built against contract 0.1.0 (tests/fixtures/adapters) still loads, through the shell's
+/// 0.1.0 bindings, and computes what transformers computes.
+#[test]
+fn a_contract_0_1_0_adapter_still_matches_transformers() {
+    let adapter = common::host_with(Default::default()).load(&common::fixture("adapters/gemma-0.1.0.wasm")).unwrap();
+    assert_eq!(adapter.info.contract_version, "0.1.0");
+    assert_eq!(common::load("gemma").info.contract_version, "0.2.0");
+    check_model_with(&adapter, "tiny-gemma3");
 }
 
 #[test]

@@ -98,3 +98,20 @@ fn quantized_execution_agrees_with_f32_on_real_text() {
     assert!(agree >= 0.95, "top-1 agreement {:.1} % is below 95 %", agree * 100.0);
     assert!((p_q / p_f32 - 1.0).abs() < 0.05, "perplexity {p_q} (quantized) vs {p_f32} (f32)");
 }
+
+/// The 0.1.0 adapter (tests/fixtures/adapters) gets the GGUF's blocks reported as float32 arrays and the
+/// current one as block dtypes; both computations are the same blocks multiplied the same way.
+#[test]
+fn both_contract_versions_compute_the_same_on_the_real_gguf() {
+    let Some((gguf, tokenizer)) = demo_model() else { return };
+    let ids = tokenizer.encode("The harbor town woke slowly in the winter.", true).unwrap().get_ids().to_vec();
+    let old = common::host_with(Default::default()).load(&common::fixture("adapters/gemma-0.1.0.wasm")).unwrap();
+    let mut logits = Vec::new();
+    for adapter in [old, common::load("gemma")] {
+        let checkpoint = GgufCheckpoint::open(&gguf).unwrap();
+        let mut model = Model::load(&adapter, OpenCheckpoint::new(Box::new(checkpoint), Precision::Auto)).unwrap();
+        let cache = model.new_cache().unwrap();
+        logits.push(model.forward(&ids, &cache, true).unwrap());
+    }
+    assert_eq!(logits[0], logits[1]);
+}

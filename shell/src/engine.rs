@@ -32,7 +32,7 @@ impl Model {
     pub fn load(adapter: &Adapter, checkpoint: OpenCheckpoint) -> Result<Model> {
         let mut session = adapter.instantiate()?;
         session.state_mut()?.weights = Some(checkpoint);
-        let loaded = session.call("runtime.model.load", |store, b| b.edgechat_adapter_runtime().model().call_load(store));
+        let loaded = session.call("runtime.model.load", |store, b| b.load(store));
         let checkpoint = session.state_mut()?.weights.take();
         let model = loaded.with_context(|| format!("adapter `{}` could not load the model", adapter.name()))?;
         let unused = checkpoint.map(|c| c.unused()).unwrap_or_default();
@@ -46,7 +46,7 @@ impl Model {
                 shown.join(", ")
             );
         }
-        let vocab = session.call("model.vocab-size", |store, b| Ok(Ok(b.edgechat_adapter_runtime().model().call_vocab_size(store, model)?)))?;
+        let vocab = session.call("model.vocab-size", |store, b| Ok(Ok(b.vocab_size(store, model)?)))?;
         if vocab == 0 || vocab > MAX_VOCAB {
             bail!("adapter `{}` reports a vocabulary of {vocab} tokens (1 to {MAX_VOCAB} are possible)", adapter.name());
         }
@@ -78,7 +78,7 @@ impl Model {
     pub fn new_cache(&mut self) -> Result<Cache> {
         self.check_live(self.instance)?;
         let model = self.model;
-        let resource = self.session.call("model.new-cache", |store, b| Ok(Ok(b.edgechat_adapter_runtime().model().call_new_cache(store, model)?)))?;
+        let resource = self.session.call("model.new-cache", |store, b| Ok(Ok(b.new_cache(store, model)?)))?;
         Ok(Cache { resource, instance: self.instance })
     }
 
@@ -92,7 +92,7 @@ impl Model {
         let (model, cache) = (self.model, cache.resource);
         let started = std::time::Instant::now();
         let logits: Resource<TensorHandle> = self.session.call("model.forward", |store, b| {
-            b.edgechat_adapter_runtime().model().call_forward(store, model, tokens, cache, all_positions)
+            b.forward(store, model, tokens, cache, all_positions)
         })?;
         let built = started.elapsed();
         self.graph_build += built;
@@ -115,7 +115,7 @@ impl Model {
     pub fn cache_length(&mut self, cache: &Cache) -> Result<u32> {
         self.check_live(cache.instance)?;
         let resource = cache.resource;
-        Ok(self.session.call("cache.length", |store, b| Ok(Ok(b.edgechat_adapter_runtime().cache().call_length(store, resource)?)))?)
+        Ok(self.session.call("cache.length", |store, b| Ok(Ok(b.cache_length(store, resource)?)))?)
     }
 
     /// Keeps the first `length` tokens of the cache. Fails if the cache no longer holds what resuming
@@ -123,6 +123,6 @@ impl Model {
     pub fn trim(&mut self, cache: &Cache, length: u32) -> Result<()> {
         self.check_live(cache.instance)?;
         let resource = cache.resource;
-        Ok(self.session.call("cache.trim", |store, b| b.edgechat_adapter_runtime().cache().call_trim(store, resource, length))?)
+        Ok(self.session.call("cache.trim", |store, b| b.cache_trim(store, resource, length))?)
     }
 }

@@ -58,7 +58,7 @@ impl<F: Family> info::Guest for Adapter<F> {
         info::AdapterInfo {
             name: F::NAME.into(),
             version: F::VERSION.into(),
-            contract_version: "0.1.0".into(),
+            contract_version: "0.2.0".into(),
             families: strings(F::FAMILIES),
             architectures: strings(F::ARCHITECTURES),
             allowed_hosts: strings(F::ALLOWED_HOSTS),

@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, Store};
 
 /// Contract versions this shell implements (see wit/).
-pub const KNOWN_CONTRACTS: &[&str] = &["0.1.0"];
+pub const KNOWN_CONTRACTS: &[&str] = &["0.1.0", "0.2.0"];
 const PACKAGE: &str = "edgechat:adapter";
 const IMPORTS: &[&str] = &["log", "tensor", "weights", "net"];
 const EXPORTS: &[&str] = &["info", "catalog", "prompt", "runtime"];
@@ -135,7 +135,7 @@ impl AdapterHost {
     pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<Self> {
         let engine = shared_engine()?;
         let mut linker = Linker::new(&engine);
-        bindings::Adapter::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)?;
+        bindings::add_to_linker(&mut linker)?;
         Ok(AdapterHost { engine, linker: Arc::new(linker), limits, cache_dir })
     }
 
@@ -247,7 +247,7 @@ fn verify_world(engine: &Engine, component: &Component) -> Result<String> {
 /// A live instance of an adapter. A trap discards the instance; the next call makes a new one.
 pub struct Session {
     adapter: Adapter,
-    live: Option<(Store<HostState>, bindings::Adapter)>,
+    live: Option<(Store<HostState>, bindings::Instance)>,
     /// Counts instances made; resources (models, caches) belong to the instance that made them.
     instance: u64,
 }
@@ -274,7 +274,7 @@ impl Session {
             store.limiter(|s| &mut s.limits);
             store.set_fuel(host.limits.fuel_per_call)?;
             store.set_epoch_deadline(epoch_ticks(host.limits.deadlines.quick));
-            let bindings = bindings::Adapter::instantiate(&mut store, &self.adapter.component, &host.linker)
+            let bindings = bindings::Instance::instantiate(&mut store, &self.adapter.component, &host.linker, &self.adapter.info.contract_version)
                 .map_err(anyhow::Error::from)
                 .with_context(|| format!("instantiating adapter {}", self.adapter.path.display()))?;
             self.live = Some((store, bindings));
@@ -304,7 +304,7 @@ impl Session {
     pub fn call<T>(
         &mut self,
         call: &str,
-        f: impl FnOnce(&mut Store<HostState>, &bindings::Adapter) -> wasmtime::Result<Result<T, String>>,
+        f: impl FnOnce(&mut Store<HostState>, &bindings::Instance) -> wasmtime::Result<Result<T, String>>,
     ) -> Result<T, AdapterError> {
         let adapter = self.adapter.info.name.clone();
         let trapped = |reason: String| AdapterError::Trapped { adapter: adapter.clone(), call: call.to_owned(), reason };
@@ -335,7 +335,7 @@ impl Session {
 
     pub fn info(&mut self) -> Result<AdapterInfo, AdapterError> {
         self.call("info.get", |store, b| {
-            let i = b.edgechat_adapter_info().call_get(store)?;
+            let i = b.info(store)?;
             Ok(Ok(AdapterInfo {
                 name: i.name,
                 version: i.version,
@@ -348,19 +348,19 @@ impl Session {
     }
 
     pub fn describe(&mut self, source: &catalog::Source) -> Result<catalog::Description, AdapterError> {
-        self.call("catalog.describe", |store, b| b.edgechat_adapter_catalog().call_describe(store, source))
+        self.call("catalog.describe", |store, b| b.describe(store, source))
     }
 
     pub fn manifest(&mut self, source: &catalog::Source) -> Result<catalog::DownloadManifest, AdapterError> {
-        self.call("catalog.manifest", |store, b| b.edgechat_adapter_catalog().call_manifest(store, source))
+        self.call("catalog.manifest", |store, b| b.manifest(store, source))
     }
 
     pub fn format(&mut self, messages: &[prompt::Message], options: &prompt::FormatOptions) -> Result<prompt::Formatted, AdapterError> {
-        self.call("prompt.format", |store, b| b.edgechat_adapter_prompt().call_format(store, messages, options))
+        self.call("prompt.format", |store, b| b.format(store, messages, options))
     }
 
     pub fn self_test(&mut self, a: &[f32], b: &[f32], n: u32) -> Result<Vec<Vec<f32>>, AdapterError> {
-        self.call("runtime.self-test", |store, bi| bi.edgechat_adapter_runtime().call_self_test(store, a, b, n))
+        self.call("runtime.self-test", |store, bi| bi.self_test(store, a, b, n))
     }
 
     pub fn adapter(&self) -> &Adapter {

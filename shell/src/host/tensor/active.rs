@@ -159,6 +159,13 @@ impl Backend for ActiveBackend {
         }
     }
 
+    fn blocks(&self, a: &AnyArray) -> Option<u32> {
+        match a {
+            AnyArray::Cpu(x) => CpuBackend.blocks(x),
+            AnyArray::Mlx(_) => None,
+        }
+    }
+
     fn dtype(&self, a: &AnyArray) -> DType {
         match a {
             AnyArray::Cpu(x) => CpuBackend.dtype(x),

@@ -408,6 +408,10 @@ impl Backend for CpuBackend {
         a.0.shape.clone()
     }
 
+    fn blocks(&self, a: &Array) -> Option<u32> {
+        a.0.blocks
+    }
+
     fn dtype(&self, a: &Array) -> DType {
         a.0.dtype
     }

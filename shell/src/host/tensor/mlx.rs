@@ -93,6 +93,10 @@ impl Backend for MlxBackend {
         a.shape().to_vec()
     }
 
+    fn blocks(&self, _: &Array) -> Option<u32> {
+        None
+    }
+
     fn dtype(&self, a: &Array) -> DType {
         match a.dtype() {
             Dtype::Float16 => DType::F16,

@@ -76,6 +76,8 @@ pub trait Backend {
     /// file, computing as the f32 values the blocks encode; None when the backend cannot multiply blocks.
     fn from_blocks(&self, ggml_type: u32, map: &Arc<Mmap>, range: Range<usize>, shape: &[i32]) -> OpResult<Option<Self::Array>>;
     fn shape(&self, a: &Self::Array) -> Vec<i32>;
+    /// The ggml block format `a` is stored in, if it is block-quantized data.
+    fn blocks(&self, a: &Self::Array) -> Option<u32>;
     fn dtype(&self, a: &Self::Array) -> DType;
 
     fn matmul(&self, a: &Self::Array, b: &Self::Array) -> OpResult<Self::Array>;
@@ -124,6 +126,18 @@ pub struct TensorHandle {
     bytes: u64,
     /// Smallest and largest value, when the host saw them (`from-i32`): a gather need not evaluate them.
     known_range: Option<(i64, i64)>,
+    /// The ggml block format of data kept as stored (it computes as the f32 `dtype` says).
+    blocks: Option<u32>,
+}
+
+impl TensorHandle {
+    /// The type the latest contract reports: the block format for stored blocks.
+    fn contract_dtype(&self) -> wit::Dtype {
+        match self.blocks.and_then(|b| BLOCK_FORMATS.iter().find(|(id, _)| *id == b)) {
+            Some((_, format)) => *format,
+            None => from_dtype(self.dtype),
+        }
+    }
 }
 
 /// Per-store tensor state: the backend and the caps.
@@ -143,16 +157,30 @@ impl Tensors {
     }
 }
 
-fn to_dtype(d: wit::Dtype) -> DType {
-    match d {
+/// The element type an `astype` asks for; block formats are how weights are stored, never a target.
+fn to_dtype(d: wit::Dtype) -> Result<DType, String> {
+    Ok(match d {
         wit::Dtype::Float32 => DType::F32,
         wit::Dtype::Float16 => DType::F16,
         wit::Dtype::Bfloat16 => DType::BF16,
         wit::Dtype::Int32 => DType::I32,
         wit::Dtype::Uint32 => DType::U32,
         wit::Dtype::Uint8 => DType::U8,
-    }
+        block => return Err(format!("astype: {block:?} is a stored block format, not a type to convert to")),
+    })
 }
+
+/// GGUF's block formats by ggml type id (the ones the GGUF reader accepts).
+const BLOCK_FORMATS: [(u32, wit::Dtype); 8] = [
+    (2, wit::Dtype::Q40),
+    (3, wit::Dtype::Q41),
+    (6, wit::Dtype::Q50),
+    (7, wit::Dtype::Q51),
+    (8, wit::Dtype::Q80),
+    (12, wit::Dtype::Q4K),
+    (13, wit::Dtype::Q5K),
+    (14, wit::Dtype::Q6K),
+];
 
 fn from_dtype(d: DType) -> wit::Dtype {
     match d {
@@ -219,7 +247,7 @@ impl HostState {
     pub(crate) fn adopt(&mut self, result: OpResult<BackendArray>) -> Outcome<Handle> {
         let array = check!(result);
         let t = &mut self.tensors;
-        let (shape, dtype) = (t.backend.shape(&array), t.backend.dtype(&array));
+        let (shape, dtype, blocks) = (t.backend.shape(&array), t.backend.dtype(&array), t.backend.blocks(&array));
         let bytes = match checks::bytes(&shape, dtype) {
             Ok(b) => b,
             Err(e) => wasmtime::bail!("adapter produced an array the host cannot hold: {e}"),
@@ -232,7 +260,7 @@ impl HostState {
         t.live_handles += 1;
         t.live_bytes += bytes;
         t.peak_bytes = t.peak_bytes.max(t.live_bytes);
-        Ok(Ok(self.table.push(TensorHandle { array, shape, dtype, bytes, known_range: None })?))
+        Ok(Ok(self.table.push(TensorHandle { array, shape, dtype, bytes, known_range: None, blocks })?))
     }
 
     /// An op whose result has the shape and dtype of its input.
@@ -288,7 +316,7 @@ impl wit::HostArray for HostState {
     }
 
     fn dtype(&mut self, a: Handle) -> wasmtime::Result<wit::Dtype> {
-        Ok(from_dtype(self.dtype_of(&a)?))
+        Ok(self.table.get(&a)?.contract_dtype())
     }
 
     fn drop(&mut self, a: Handle) -> wasmtime::Result<()> {
@@ -375,7 +403,7 @@ impl wit::Host for HostState {
     }
 
     fn astype(&mut self, a: Handle, dtype: wit::Dtype) -> Outcome<Handle> {
-        let dtype = to_dtype(dtype);
+        let dtype = check!(to_dtype(dtype));
         check!(self.charge_shape("astype", &self.shape_of(&a)?, dtype)?);
         let result = self.tensors.backend.astype(self.array(&a)?, dtype);
         self.adopt(result)
@@ -498,5 +526,26 @@ impl wit::Host for HostState {
             return Ok(Err(format!("read-f32 of {elements} elements refused (limit {MAX_READ_ELEMENTS})")));
         }
         Ok(self.tensors.backend.read_f32(self.array(&a)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Contract 0.2.0 names the block format of stored blocks; 0.1.0 (host::v0_1_0) calls them float32.
+    #[test]
+    fn block_quantized_arrays_report_their_format() {
+        let mut map = memmap2::MmapMut::map_anon(34 * 2).unwrap(); // two Q8_0 blocks: a [2, 32] matrix
+        map[0] = 0x3c; // an f16 scale of 1.0 in each block (the quants stay 0)
+        map[34] = 0x3c;
+        let map = Arc::new(map.make_read_only().unwrap());
+        let backend = ActiveBackend::of(BackendKind::Cpu);
+        let array = backend.from_blocks(8, &map, 0..68, &[2, 32]).unwrap().expect("the cpu backend keeps blocks");
+        let handle = TensorHandle { blocks: backend.blocks(&array), shape: vec![2, 32], dtype: backend.dtype(&array), bytes: 0, known_range: None, array };
+        assert_eq!(handle.contract_dtype(), wit::Dtype::Q80);
+        assert_eq!(handle.dtype, DType::F32);
+        assert_eq!(backend.read_f32(&handle.array).unwrap(), vec![0.0; 64]);
+        assert!(ActiveBackend::of(BackendKind::Mlx).from_blocks(8, &map, 0..68, &[2, 32]).unwrap().is_none());
     }
 }
