@@ -1,7 +1,7 @@
 //! Signed adapter updates end to end, through the `edgechat` binary: keys, packages, install, rollback,
 //! remove, development adapters, the signed index (served from 127.0.0.1), and every refusal leaving
 //! the active adapter untouched. The package installed is tests/guests/gemma-next: the gemma adapter at
-//! version 0.2.0 with a changed chat template, so a switch is visible in `edgechat prompt`.
+//! version 1.2.0 with a changed chat template, so a switch is visible in `edgechat prompt`.
 
 mod common;
 
@@ -83,7 +83,7 @@ impl Publisher {
     fn component(&self, version: &str) -> PathBuf {
         let bytes = std::fs::read(common::component("gemma-next")).unwrap();
         assert_eq!(version.len(), 5);
-        let at: Vec<usize> = bytes.windows(5).enumerate().filter(|(_, w)| *w == b"0.2.0").map(|(i, _)| i).collect();
+        let at: Vec<usize> = bytes.windows(5).enumerate().filter(|(_, w)| *w == b"1.2.0").map(|(i, _)| i).collect();
         assert_eq!(at.len(), 1, "the version string appears once in gemma-next.wasm");
         let mut patched = bytes;
         patched[at[0]..at[0] + 5].copy_from_slice(version.as_bytes());
@@ -115,7 +115,7 @@ fn a_signed_package_installs_changes_the_prompt_and_rolls_back() {
     let home = tempfile::tempdir().unwrap();
     let home = home.path();
     let publisher = Publisher::new(home);
-    let package = publisher.pack(home, "0.2.0", publisher.dir.path());
+    let package = publisher.pack(home, "1.2.0", publisher.dir.path());
     assert!(!prompt(home, &[]).contains("System: "), "the built-in template");
 
     refused(&edgechat(home, &["adapters", "install", s(&package)]), "which this installation does not trust");
@@ -124,23 +124,23 @@ fn a_signed_package_installs_changes_the_prompt_and_rolls_back() {
     assert!(ok(&edgechat(home, &["adapters", "keys"])).contains(&key_id));
 
     let out = ok(&edgechat(home, &["adapters", "install", s(&package)]));
-    assert!(out.contains("gemma 0.2.0 installed") && out.contains(&key_id) && out.contains("previous: 0.1.0 (built-in)"), "{out}");
-    assert_eq!(active(home, "gemma"), ("0.2.0".into(), "installed".into()));
+    assert!(out.contains("gemma 1.2.0 installed") && out.contains(&key_id) && out.contains("previous: 0.1.0 (built-in)"), "{out}");
+    assert_eq!(active(home, "gemma"), ("1.2.0".into(), "installed".into()));
     assert!(prompt(home, &[]).starts_with("<bos><start_of_turn>user\nSystem: Be brief."), "the new template runs, no rebuild");
     assert!(ok(&edgechat(home, &["adapters", "install", s(&package)])).contains("already active"));
 
     assert!(ok(&edgechat(home, &["adapters", "rollback", "gemma"])).contains("rolled back to the built-in gemma"));
     assert_eq!(active(home, "gemma"), ("0.1.0".into(), "built-in".into()));
     assert!(!prompt(home, &[]).contains("System: "));
-    assert!(listed(home, &[]).iter().any(|l| l.1 == "0.2.0" && l.3 == "kept"), "the rolled-back version is kept");
+    assert!(listed(home, &[]).iter().any(|l| l.1 == "1.2.0" && l.3 == "kept"), "the rolled-back version is kept");
     // Rolling back again goes forward to the kept version (verified again first).
     ok(&edgechat(home, &["adapters", "rollback", "gemma"]));
-    assert_eq!(active(home, "gemma").0, "0.2.0");
+    assert_eq!(active(home, "gemma").0, "1.2.0");
 
-    let newer = publisher.pack(home, "0.3.0", publisher.dir.path());
-    assert!(ok(&edgechat(home, &["adapters", "install", s(&newer)])).contains("previous: 0.2.0"));
-    assert!(ok(&edgechat(home, &["adapters", "rollback", "gemma"])).contains("rolled back to gemma 0.2.0"));
-    assert_eq!(active(home, "gemma").0, "0.2.0");
+    let newer = publisher.pack(home, "1.3.0", publisher.dir.path());
+    assert!(ok(&edgechat(home, &["adapters", "install", s(&newer)])).contains("previous: 1.2.0"));
+    assert!(ok(&edgechat(home, &["adapters", "rollback", "gemma"])).contains("rolled back to gemma 1.2.0"));
+    assert_eq!(active(home, "gemma").0, "1.2.0");
 
     ok(&edgechat(home, &["adapters", "remove", "gemma"]));
     assert_eq!(active(home, "gemma"), ("0.1.0".into(), "built-in".into()));
@@ -164,9 +164,9 @@ fn every_refused_package_leaves_the_active_adapter_untouched() {
     let home = home.path();
     let publisher = Publisher::new(home);
     ok(&edgechat(home, &["adapters", "trust", s(&publisher.pubfile())]));
-    ok(&edgechat(home, &["adapters", "install", s(&publisher.pack(home, "0.2.0", publisher.dir.path()))]));
-    let good = std::fs::read(publisher.pack(home, "0.3.0", publisher.dir.path())).unwrap();
-    let component = std::fs::read(publisher.component("0.3.0")).unwrap();
+    ok(&edgechat(home, &["adapters", "install", s(&publisher.pack(home, "1.2.0", publisher.dir.path()))]));
+    let good = std::fs::read(publisher.pack(home, "1.3.0", publisher.dir.path())).unwrap();
+    let component = std::fs::read(publisher.component("1.3.0")).unwrap();
     let installed_dir = home.join("adapters/installed/gemma");
     let files_before: Vec<_> = std::fs::read_dir(&installed_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
 
@@ -178,13 +178,13 @@ fn every_refused_package_leaves_the_active_adapter_untouched() {
     tampered[at] ^= 1;
     cases.push(("tampered component", tampered, "does not match the signed manifest"));
     let mut tampered = good.clone();
-    let manifest_at = tampered.windows(7).position(|w| w == b"\"0.3.0\"").unwrap();
+    let manifest_at = tampered.windows(7).position(|w| w == b"\"1.3.0\"").unwrap();
     tampered[manifest_at + 3] = b'9';
     cases.push(("tampered manifest", tampered, "does not verify"));
-    cases.push(("untrusted key", std::fs::read(stranger.pack(home, "0.3.0", stranger.dir.path())).unwrap(), "does not trust"));
+    cases.push(("untrusted key", std::fs::read(stranger.pack(home, "1.3.0", stranger.dir.path())).unwrap(), "does not trust"));
     cases.push(("downgrade", std::fs::read(publisher.pack(home, "0.1.5", publisher.dir.path())).unwrap(), "use `edgechat adapters rollback gemma`"));
     cases.push(("unknown contract", crafted(&publisher, &component, |m| m.adapter.contract_version = "9.0.0".into()), "contract 9.0.0"));
-    cases.push(("name/version mismatch", crafted(&publisher, &component, |m| m.adapter.version = "0.4.0".into()), "but the component says gemma 0.3.0"));
+    cases.push(("name/version mismatch", crafted(&publisher, &component, |m| m.adapter.version = "1.4.0".into()), "but the component says gemma 1.3.0"));
     let hostile = std::fs::read(common::component("hostile")).unwrap();
     cases.push(("failed smoke test", crafted(&publisher, &hostile, |_| {}), "fails the conformance smoke test"));
     cases.push(("not a package", b"MZ\x90\0 not a tar".to_vec(), "refusing to install"));
@@ -194,7 +194,7 @@ fn every_refused_package_leaves_the_active_adapter_untouched() {
         std::fs::write(&path, bytes).unwrap();
         let out = edgechat(home, &["adapters", "install", s(&path)]);
         refused(&out, why);
-        assert_eq!(active(home, "gemma"), ("0.2.0".into(), "installed".into()), "{what} left gemma 0.2.0 active");
+        assert_eq!(active(home, "gemma"), ("1.2.0".into(), "installed".into()), "{what} left gemma 1.2.0 active");
         let files: Vec<_> = std::fs::read_dir(&installed_dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(files, files_before, "{what} wrote no package");
     }
@@ -208,7 +208,7 @@ fn untrusting_a_key_refuses_what_it_signed() {
     let home = home.path();
     let publisher = Publisher::new(home);
     let key_id = ok(&edgechat(home, &["adapters", "trust", s(&publisher.pubfile())])).split_whitespace().last().unwrap().to_owned();
-    ok(&edgechat(home, &["adapters", "install", s(&publisher.pack(home, "0.2.0", publisher.dir.path()))]));
+    ok(&edgechat(home, &["adapters", "install", s(&publisher.pack(home, "1.2.0", publisher.dir.path()))]));
     ok(&edgechat(home, &["adapters", "untrust", &key_id]));
     assert_eq!(active(home, "gemma"), ("0.1.0".into(), "built-in".into()));
     let refused_line = listed(home, &[]).into_iter().find(|l| l.2 == "installed" && l.3 == "refused");
@@ -232,7 +232,7 @@ fn unsigned_components_run_only_as_development_adapters() {
 
     let dev = [("EDGECHAT_DEV_ADAPTERS", "1")];
     let found = listed(home, &dev);
-    assert!(found.iter().any(|l| l.0 == "gemma" && l.1 == "0.2.0" && l.2 == "development" && l.3 == "active"), "{found:?}");
+    assert!(found.iter().any(|l| l.0 == "gemma" && l.1 == "1.2.0" && l.2 == "development" && l.3 == "active"), "{found:?}");
     assert!(found.iter().any(|l| l.0 == "gemma" && l.2 == "built-in" && l.3 == "shadowed"), "{found:?}");
     assert!(prompt(home, &dev).contains("System: Be brief."));
 }
@@ -243,7 +243,7 @@ fn an_interrupted_install_leaves_a_working_adapter() {
     let home = home.path();
     let publisher = Publisher::new(home);
     ok(&edgechat(home, &["adapters", "trust", s(&publisher.pubfile())]));
-    let package = publisher.pack(home, "0.2.0", publisher.dir.path());
+    let package = publisher.pack(home, "1.2.0", publisher.dir.path());
     let mut outcomes = std::collections::BTreeSet::new();
     for delay_ms in [0, 2, 5, 10, 20, 40, 80, 120, 200, 300, 500, 800] {
         let mut child = Command::new(env!("CARGO_BIN_EXE_edgechat"))
@@ -261,7 +261,7 @@ fn an_interrupted_install_leaves_a_working_adapter() {
         let text = prompt(home, &[]);
         match (version.as_str(), origin.as_str()) {
             ("0.1.0", "built-in") => assert!(!text.contains("System: ")),
-            ("0.2.0", "installed") => {
+            ("1.2.0", "installed") => {
                 assert!(text.contains("System: "));
                 ok(&edgechat(home, &["adapters", "remove", "gemma"]));
             }
@@ -315,28 +315,28 @@ fn the_signed_index_installs_what_is_newer_and_refuses_replays_expiry_and_strang
         edgechat_env(home, &all, &env)
     };
 
-    publisher.pack(home, "0.2.0", site.path());
+    publisher.pack(home, "1.2.0", site.path());
     let built = ok(&edgechat(home, &["adapters", "index", "build", s(site.path()), "--key", s(&publisher.key)]));
     assert!(built.contains("version 1"), "{built}");
     let index_v1 = std::fs::read(site.path().join("index.json")).unwrap();
 
     let check = ok(&update(&["--check"]));
-    assert!(check.contains("gemma: 0.1.0 -> 0.2.0 available"), "{check}");
+    assert!(check.contains("gemma: 0.1.0 -> 1.2.0 available"), "{check}");
     assert_eq!(active(home, "gemma").1, "built-in", "--check installs nothing");
-    assert!(ok(&update(&[])).contains("gemma: 0.1.0 -> 0.2.0 installed"));
-    assert_eq!(active(home, "gemma"), ("0.2.0".into(), "installed".into()));
-    assert!(ok(&update(&[])).contains("gemma: 0.2.0 is up to date"));
+    assert!(ok(&update(&[])).contains("gemma: 0.1.0 -> 1.2.0 installed"));
+    assert_eq!(active(home, "gemma"), ("1.2.0".into(), "installed".into()));
+    assert!(ok(&update(&[])).contains("gemma: 1.2.0 is up to date"));
 
-    publisher.pack(home, "0.3.0", site.path());
+    publisher.pack(home, "1.3.0", site.path());
     assert!(ok(&edgechat(home, &["adapters", "index", "build", s(site.path()), "--key", s(&publisher.key)])).contains("version 2"));
     let index_v2 = std::fs::read(site.path().join("index.json")).unwrap();
     // The remembered URL is used without --index.
-    assert!(ok(&edgechat_env(home, &["adapters", "update"], &env)).contains("gemma: 0.2.0 -> 0.3.0 installed"));
+    assert!(ok(&edgechat_env(home, &["adapters", "update"], &env)).contains("gemma: 1.2.0 -> 1.3.0 installed"));
 
     // A rollback of the adapter does not make the index reinstall what was rolled back from, nor can an
     // index offer less than what was once installed.
     ok(&edgechat(home, &["adapters", "rollback", "gemma"]));
-    assert!(ok(&update(&[])).contains("gemma: 0.2.0 is up to date"));
+    assert!(ok(&update(&[])).contains("gemma: 1.2.0 is up to date"));
 
     std::fs::write(site.path().join("index.json"), &index_v1).unwrap();
     refused(&update(&[]), "older than version 2 already seen here");
@@ -357,14 +357,14 @@ fn the_signed_index_installs_what_is_newer_and_refuses_replays_expiry_and_strang
     refused(&update(&[]), "expired at");
 
     // A package altered on the server after the index was signed.
-    publisher.pack(home, "0.4.0", site.path());
+    publisher.pack(home, "1.4.0", site.path());
     ok(&edgechat(home, &["adapters", "index", "build", s(site.path()), "--key", s(&publisher.key)]));
-    let mut package = std::fs::read(site.path().join("gemma-0.4.0.ecpkg")).unwrap();
+    let mut package = std::fs::read(site.path().join("gemma-1.4.0.ecpkg")).unwrap();
     let last = package.len() - 2048;
     package[last] ^= 1;
-    std::fs::write(site.path().join("gemma-0.4.0.ecpkg"), package).unwrap();
+    std::fs::write(site.path().join("gemma-1.4.0.ecpkg"), package).unwrap();
     refused(&update(&[]), "does not match the index's sha256");
-    assert_eq!(active(home, "gemma"), ("0.2.0".into(), "installed".into()), "every refusal left the active adapter alone");
+    assert_eq!(active(home, "gemma"), ("1.2.0".into(), "installed".into()), "every refusal left the active adapter alone");
 }
 
 #[test]
@@ -374,13 +374,13 @@ fn a_package_installs_from_a_url_through_the_download_path() {
     let publisher = Publisher::new(home);
     ok(&edgechat(home, &["adapters", "trust", s(&publisher.pubfile())]));
     let site = tempfile::tempdir().unwrap();
-    publisher.pack(home, "0.2.0", site.path());
+    publisher.pack(home, "1.2.0", site.path());
     let base = serve(site.path().to_owned());
-    let url = format!("{base}/gemma-0.2.0.ecpkg");
+    let url = format!("{base}/gemma-1.2.0.ecpkg");
     // Not the hub and plain http on loopback: refused like any undeclared host.
     refused(&edgechat(home, &["adapters", "install", &url]), "would be reached over plain http");
     let env = [("EDGECHAT_HUB_ENDPOINT", base.as_str())];
-    assert!(ok(&edgechat_env(home, &["adapters", "install", &url], &env)).contains("gemma 0.2.0 installed"));
+    assert!(ok(&edgechat_env(home, &["adapters", "install", &url], &env)).contains("gemma 1.2.0 installed"));
     refused(&edgechat_env(home, &["adapters", "install", &format!("{base}/missing.ecpkg")], &env), "404");
 }
 
