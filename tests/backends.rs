@@ -51,6 +51,11 @@ fn cases<B: Backend>(be: &B) -> Results {
     case("slice with negative bounds", be.slice(&a, &[0, -2, 3], &[2, 3, -1]));
     case("slice of a transpose", be.transpose(&a, &[0, 2, 1]).and_then(|t| be.slice(&t, &[1, 4], &[2, 12])));
     case("slice-update", be.slice_update(&a, &x(13, &[2, 1, 4]), &[0, 1, 8], &[2, 2, 12]));
+    case("slice-update of an empty region past the end", be.slice_update(&x(30, &[2, 3]), &x(31, &[1]), &[2, 3], &[2, 3]));
+    case("slice-update with bounds beyond the shape", be.slice_update(&x(32, &[2, 3]), &x(33, &[1]), &[-9, 1], &[9, 2]));
+    case("matmul over an empty inner dimension", be.matmul(&x(34, &[3, 0]), &x(35, &[0, 2])));
+    case("an empty slice", be.slice(&a, &[0, 2, 0], &[2, 1, 16]));
+    case("concatenate with an empty part", be.concatenate(&[&x(36, &[2, 0]), &x(37, &[2, 3])], 1));
     case("concatenate on the sequence axis", be.concatenate(&[&x(14, &[1, 2, 5, 8]), &x(15, &[1, 2, 3, 8])], 2));
     case("concatenate on the last axis", be.concatenate(&[&a, &b], -1));
     let ids = be.from_i32(&[3, 0, 23, 7], &[1, 4]).unwrap();

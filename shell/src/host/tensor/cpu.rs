@@ -418,6 +418,11 @@ impl Backend for CpuBackend {
 
     fn matmul(&self, a: &Array, b: &Array) -> OpResult<Array> {
         let shape = checks::matmul(&a.0.shape, &b.0.shape)?;
+        if a.0.shape.last() == Some(&0) {
+            // A product over nothing: zeros (ggml's kernels assume a non-empty inner dimension).
+            let n = checks::elements(&shape)? as usize;
+            return Ok(Array::ready(shape, DType::F32, Buffer::zeroed(n * 4)));
+        }
         Ok(Array::pending(shape, DType::F32, Op::MatMul, vec![a.clone(), b.clone()]))
     }
 
@@ -587,6 +592,9 @@ impl Backend for CpuBackend {
             _ => None,
         };
         let (shape, _) = checks::attention(&q.0.shape, &k.0.shape, &v.0.shape, explicit.as_deref())?;
+        if k.0.shape[2] == 0 {
+            return Err("attention: there are no keys to attend to".into());
+        }
         let mut inputs = vec![q.clone(), k.clone(), v.clone()];
         let mask = match mask {
             Mask::None => AttentionMask::None,

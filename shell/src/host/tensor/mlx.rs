@@ -254,6 +254,9 @@ impl Backend for MlxBackend {
     }
 
     fn read_f32(&self, a: &Array) -> OpResult<Vec<f32>> {
+        if a.size() == 0 {
+            return Ok(Vec::new()); // MLX gives an empty array no data pointer at all
+        }
         let a = if a.dtype() == Dtype::Float32 { a.clone() } else { a.as_dtype(Dtype::Float32).map_err(err)? };
         // A view (slice, transpose) is read through a row-major copy.
         let a = a.contiguous().map_err(err)?;

@@ -230,6 +230,11 @@ impl Graph {
     fn run(&mut self, runner: &mut Runner, order: &[Array], keep: &[bool]) -> OpResult<()> {
         let mut lowered: HashMap<*const super::Node, T> = HashMap::new();
         for node in order {
+            if node.elements() == 0 {
+                // Nothing to compute (ggml's kernels assume at least one element): an empty result.
+                *node.state() = State::Ready(Arc::new(Buffer::zeroed(0)));
+                continue;
+            }
             let t = {
                 let state = node.state();
                 let State::Pending(op, inputs) = &*state else { continue };
@@ -260,8 +265,8 @@ impl Graph {
         }
         let mut outputs = Vec::new();
         for (node, &wanted) in order.iter().zip(keep) {
-            if wanted {
-                let t = lowered[&Arc::as_ptr(&node.0)];
+            // (Empty results are data already.)
+            if let (true, Some(&t)) = (wanted, lowered.get(&Arc::as_ptr(&node.0))) {
                 // SAFETY: graph construction over tensors of this context.
                 let out = unsafe { if g::ggml_is_contiguous(t) { t } else { g::ggml_cont(self.ctx, t) } };
                 // An op's result is written straight into the buffer that keeps it (no copy afterwards);
@@ -485,6 +490,7 @@ impl Graph {
                     let offset: usize = ranges.iter().enumerate().map(|(axis, &(start, _))| start as usize * nb[rank - 1 - axis]).sum();
                     g::ggml_view_4d(ctx, source, out[0], out[1], out[2], out[3], nb[1], nb[2], nb[3], offset)
                 }
+                Op::SliceUpdate(ranges) if ranges.iter().any(|&(_, len)| len == 0) => self.act(x[0])?,
                 Op::SliceUpdate(ranges) => {
                     let a = self.act(x[0])?;
                     let region = ne(&ranges.iter().map(|&(_, len)| len as i32).collect::<Vec<_>>())?;
