@@ -14,8 +14,10 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 type T = *mut g::ggml_tensor;
 
-/// ggml tensors one of our ops may expand to (attention and GELU are the largest).
-const TENSORS_PER_OP: usize = 16;
+/// Room for the ggml tensors one of our ops may expand to, leaves included (attention, the largest, makes
+/// about 20: its casts and copies, the mask, two products and a softmax). A full ggml graph aborts, so
+/// this errs high; it costs only tensor headers.
+const TENSORS_PER_OP: usize = 32;
 /// A graph larger than this is refused rather than planned (a forward pass has a few thousand nodes).
 const MAX_PENDING: usize = 1 << 20;
 
@@ -166,8 +168,10 @@ pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
     let index: HashMap<*const super::Node, usize> = order.iter().enumerate().map(|(i, a)| (Arc::as_ptr(&a.0), i)).collect();
     // References from inside the graph; anything beyond them (and `order`'s own) is a user of the result.
     let mut internal = vec![0usize; order.len()];
+    let mut edges = 0;
     for node in &order {
         if let State::Pending(_, inputs) = &*node.state() {
+            edges += inputs.len();
             for input in inputs {
                 if let Some(&i) = index.get(&Arc::as_ptr(&input.0)) {
                     internal[i] += 1;
@@ -188,7 +192,10 @@ pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
         .map(|i| is_root(&order[i]) || (!cheap_view[i] && Arc::strong_count(&order[i].0) > 1 + internal[i]))
         .collect();
     let mut runner = runner().lock().unwrap_or_else(|e| e.into_inner());
-    let mut graph = Graph::new(order.len())?;
+    if edges > 4 * MAX_PENDING {
+        return Err(format!("a graph whose operations read more than {} inputs is refused", 4 * MAX_PENDING));
+    }
+    let mut graph = Graph::new(order.len(), edges)?;
     let result = graph.run(&mut runner, &order, &keep);
     drop(graph);
     result
@@ -213,8 +220,10 @@ impl Drop for Graph {
 }
 
 impl Graph {
-    fn new(pending: usize) -> OpResult<Graph> {
-        let size = pending * TENSORS_PER_OP + 64;
+    /// A context and graph with room for `pending` ops reading `edges` inputs in all (a concatenation of
+    /// n arrays becomes about 3n ggml tensors).
+    fn new(pending: usize, edges: usize) -> OpResult<Graph> {
+        let size = pending * TENSORS_PER_OP + edges * 4 + 64;
         // SAFETY: sizes come from ggml's own overhead functions; no_alloc keeps data out of the arena.
         unsafe {
             let mem = g::ggml_tensor_overhead() * size + g::ggml_graph_overhead_custom(size, false) + (1 << 16);
@@ -502,15 +511,23 @@ impl Graph {
                     g::ggml_set(ctx, a, update, nb[1], nb[2], nb[3], offset)
                 }
                 Op::Concat(axis) => {
-                    let dim = (node.0.shape.len() - 1 - axis) as i32;
-                    let mut parts = Vec::new();
+                    // Each part is copied into its place in one result: linear in the result's size, however
+                    // many parts (a chain of pairwise joins would copy the growing prefix every time).
+                    let dim = node.0.shape.len() - 1 - axis;
+                    let joined = g::ggml_new_tensor(ctx, g::GGML_TYPE_F32, 4, out.as_ptr());
+                    let nb = (*joined).nb;
+                    let mut at = 0usize;
                     for (t, a) in x.iter().zip(inputs) {
-                        if a.elements() > 0 {
-                            parts.push(self.act(*t)?);
+                        if a.elements() == 0 {
+                            continue;
                         }
+                        let part = self.act(*t)?;
+                        let n = ne_of(part);
+                        let place = g::ggml_view_4d(ctx, joined, n[0], n[1], n[2], n[3], nb[1], nb[2], nb[3], at * nb[dim]);
+                        g::ggml_build_forward_expand(self.graph, g::ggml_cpy(ctx, part, place));
+                        at += n[dim] as usize;
                     }
-                    let first = parts.first().copied().ok_or("concatenate: nothing to join")?;
-                    parts[1..].iter().fold(first, |acc, &t| g::ggml_concat(ctx, acc, t, dim))
+                    joined
                 }
                 Op::TakeRows => {
                     let table = self.cont(x[0]);
