@@ -47,15 +47,17 @@ fn gemma3_270m_continues_like_transformers() {
     }
 }
 
-/// For each position of `tokens` (teacher-forced, in chunks): the top-1 prediction, and the natural log
-/// of the probability given to the token that actually follows.
-fn teacher_forced(model: &mut Model, tokens: &[u32]) -> (Vec<u32>, Vec<f64>) {
+/// For each position of `tokens` (teacher-forced, in chunks): the top-1 prediction with its margin over
+/// the runner-up, and the natural log of the probability given to the token that actually follows.
+fn teacher_forced(model: &mut Model, tokens: &[u32]) -> (Vec<(u32, f32)>, Vec<f64>) {
     let (vocab, cache) = (model.vocab as usize, model.new_cache().unwrap());
     let (mut top, mut log_p) = (Vec::new(), Vec::new());
     for (c, chunk) in tokens.chunks(64).enumerate() {
         let logits = model.forward(chunk, &cache, true).unwrap();
         for (i, row) in logits.chunks(vocab).enumerate() {
-            top.push(argmax(row));
+            let best = argmax(row);
+            let second = row.iter().enumerate().filter(|&(j, _)| j as u32 != best).map(|(_, &v)| v).fold(f32::MIN, f32::max);
+            top.push((best, row[best as usize] - second));
             if let Some(&next) = tokens.get(c * 64 + i + 1) {
                 let max = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
                 let total: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
@@ -86,16 +88,20 @@ fn quantized_execution_agrees_with_f32_on_real_text() {
         teacher_forced(&mut model, &tokens)
     };
     let ((top_f32, log_p_f32), (top_q, log_p_q)) = (run(Precision::F32), run(Precision::Auto));
-    let agree = top_f32.iter().zip(&top_q).filter(|(a, b)| a == b).count() as f64 / tokens.len() as f64;
+    let n = tokens.len() as f64;
+    let agree = top_f32.iter().zip(&top_q).filter(|(a, b)| a.0 == b.0).count() as f64 / n;
+    // As for greedy comparisons: where f32's own top two are within 0.01, either answer is right.
+    let near_ties = top_f32.iter().zip(&top_q).filter(|(a, b)| a.0 != b.0 && a.1 < 0.01).count() as f64 / n;
     let perplexity = |log_p: &[f64]| (-log_p.iter().sum::<f64>() / log_p.len() as f64).exp();
     let (p_f32, p_q) = (perplexity(&log_p_f32), perplexity(&log_p_q));
     eprintln!(
-        "quantized vs f32 over {} positions: top-1 agreement {:.1} %, perplexity {p_q:.3} vs {p_f32:.3} ({:+.2} %)",
+        "quantized vs f32 over {} positions: top-1 agreement {:.1} % ({:.1} % more at near-ties), perplexity {p_q:.3} vs {p_f32:.3} ({:+.2} %)",
         tokens.len(),
         agree * 100.0,
+        near_ties * 100.0,
         (p_q / p_f32 - 1.0) * 100.0
     );
-    assert!(agree >= 0.95, "top-1 agreement {:.1} % is below 95 %", agree * 100.0);
+    assert!(agree + near_ties >= 0.95, "top-1 agreement {:.1} % is below 95 %", (agree + near_ties) * 100.0);
     assert!((p_q / p_f32 - 1.0).abs() < 0.05, "perplexity {p_q} (quantized) vs {p_f32} (f32)");
 }
 

@@ -400,9 +400,9 @@ impl Graph {
         }
     }
 
-    fn f32_leaf(&mut self, values: &[f32], ne: [i64; 4]) -> T {
-        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.data(g::GGML_TYPE_F32, &ne, Arc::new(Buffer::from_bytes(&bytes)))
+    fn f16_leaf(&mut self, values: &[f32], ne: [i64; 4]) -> T {
+        let bytes: Vec<u8> = values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+        self.data(g::GGML_TYPE_F16, &ne, Arc::new(Buffer::from_bytes(&bytes)))
     }
 
     /// An f32, contiguous form of `t` (what elementwise kernels take).
@@ -601,13 +601,27 @@ impl Graph {
         })
     }
 
-    /// 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), exactly (ggml's own GELU reads an f16 table).
+    /// GELU (tanh approximation) in f32, as one node on every thread: ggml's own GELU reads an f16 table,
+    /// and composing it from ggml ops takes eight nodes, each a barrier for the thread pool.
     unsafe fn gelu_tanh(&self, x: T) -> T {
-        let ctx = self.ctx;
-        let cube = g::ggml_mul(ctx, g::ggml_mul(ctx, x, x), x);
-        let inner = g::ggml_add(ctx, x, g::ggml_scale(ctx, cube, 0.044715));
-        let t = g::ggml_tanh(ctx, g::ggml_scale(ctx, inner, (2.0f32 / std::f32::consts::PI).sqrt()));
-        g::ggml_mul(ctx, g::ggml_scale(ctx, x, 0.5), g::ggml_scale_bias(ctx, t, 1.0, 1.0))
+        /// ggml calls this on each of `nth` threads; thread `ith` takes its share of the elements of a
+        /// contiguous f32 `a` (act() made it so) into `dst`, a new tensor of the same shape.
+        unsafe extern "C" fn rows(dst: *mut g::ggml_tensor, a: *const g::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
+            // SAFETY: both tensors hold ggml_nelements(a) contiguous f32 values, and the threads' ranges
+            // are disjoint.
+            unsafe {
+                let n = g::ggml_nelements(a) as usize;
+                let share = n.div_ceil(nth.max(1) as usize);
+                let (start, end) = ((ith as usize * share).min(n), ((ith as usize + 1) * share).min(n));
+                let (x, y) = ((*a).data as *const f32, (*dst).data as *mut f32);
+                let c = (2.0f32 / std::f32::consts::PI).sqrt();
+                for i in start..end {
+                    let v = *x.add(i);
+                    *y.add(i) = 0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh());
+                }
+            }
+        }
+        g::ggml_map_custom1(self.ctx, x, Some(rows), -1, std::ptr::null_mut())
     }
 
     /// MLX's rope over x [.., heads, seq, d]; ggml's rotates x [d, heads, seq, batch] by positions along seq.
@@ -634,21 +648,32 @@ impl Graph {
         let visible = |f: &dyn Fn(i64, i64) -> bool| -> Vec<f32> {
             (0..lq).flat_map(|i| (0..lk).map(move |j| (i, j))).map(|(i, j)| if f(i, j) { 0.0 } else { f32::NEG_INFINITY }).collect()
         };
-        let mask = match mask {
-            AttentionMask::None => std::ptr::null_mut(),
-            AttentionMask::Causal => self.f32_leaf(&visible(&|i, j| j <= lk - lq + i), [lk, lq, 1, 1]),
+        // The masks the shell builds go to ggml's fused attention (f16 masks: 0 or -inf are exact), which
+        // reads K and V as they are: no score matrix, no transposed copy of V.
+        let built = match mask {
+            AttentionMask::None => Some(std::ptr::null_mut()),
+            AttentionMask::Causal => Some(self.f16_leaf(&visible(&|i, j| j <= lk - lq + i), [lk, lq, 1, 1])),
             AttentionMask::SlidingWindow { window, query_offset, key_offset } => {
                 let sees = |i: i64, j: i64| {
                     let (query, key) = (query_offset + i, key_offset + j);
                     key <= query && query - window < key
                 };
-                self.f32_leaf(&visible(&sees), [lk, lq, 1, 1])
+                Some(self.f16_leaf(&visible(&sees), [lk, lq, 1, 1]))
             }
+            AttentionMask::Explicit => None,
+        };
+        if let Some(mask) = built {
+            let fused = g::ggml_flash_attn_ext(ctx, q, k, v, mask, scale, 0.0, 0.0);
+            // ggml's result is [d, heads, queries, batch]; the contract's is [batch, heads, queries, d].
+            return Ok(g::ggml_permute(ctx, fused, 0, 2, 1, 3));
+        }
+        let mask = match mask {
             AttentionMask::Explicit => {
                 let m = self.act(x[3])?;
                 let n = ne_of(m);
                 self.cont(self.repeat(m, [lk, lq, n[2], n[3]]))
             }
+            _ => unreachable!("built above"),
         };
         let probabilities = g::ggml_soft_max_ext(ctx, scores, mask, scale, 0.0);
         let v_t = g::ggml_cont(ctx, g::ggml_permute(ctx, v, 1, 0, 2, 3));
