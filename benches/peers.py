@@ -93,7 +93,7 @@ def main():
     threads = int(os.environ.get("EDGECHAT_THREADS") or os.cpu_count())
     version, llama_bench = build_llama_bench(threads)
     # The workspace's one profile (dependencies at opt-level 3, our code at 1), as `cargo run` builds it.
-    run(["cargo", "build", "--quiet", "--workspace"], cwd=ROOT)
+    run(["cargo", "build", "--quiet", "-p", "edgechat"], cwd=ROOT)
     edgechat = pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target") / "debug" / "edgechat"
     data = pathlib.Path(os.environ.get("EDGECHAT_HOME") or pathlib.Path.home() / ".local/share/edgechat")
     gguf = data / "Models" / model / "model.gguf"

@@ -3,7 +3,7 @@
 //! `cargo xtask setup`     installs or locates what the build needs (MLX CPU library on Linux, a wasm32 toolchain)
 //! `cargo xtask adapters`  builds every guest crate to a core module and wraps it as a component in target/adapters
 //! `cargo xtask demo-model` fetches the real Gemma 3 270M and its tokenizer and imports them
-//! `cargo xtask test`      setup + adapters + `cargo test --workspace` + the server's openai-client tests: the one
+//! `cargo xtask test`      setup + adapters + `cargo test` + the server's openai-client tests: the one
 //!                         command CI and newcomers run
 
 mod demo;
@@ -35,14 +35,16 @@ fn run() -> Result<()> {
             let kit = root.join("adapters/kit/Cargo.toml");
             let kit_target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target")).join("kit-native");
             run_checked(Command::new(cargo()).current_dir(&root).arg("test").arg("--manifest-path").arg(&kit).arg("--target-dir").arg(&kit_target))?;
-            run_checked(Command::new(cargo()).current_dir(&root).args(["test", "--workspace"]).args(&args[1..]))?;
+            // The shell package alone (the default member), as `cargo run` builds it: with xtask in the build
+            // its dependencies' features would differ, and a cold build would compile wasmtime and ggml twice.
+            run_checked(Command::new(cargo()).current_dir(&root).args(["test", "-p", "edgechat"]).args(&args[1..]))?;
             // The suite above runs on the platform's default backend; the fidelity suite runs on the other too.
             let other = if cfg!(all(target_os = "macos", target_arch = "aarch64")) { "cpu" } else { "mlx" };
             run_checked(
                 Command::new(cargo())
                     .current_dir(&root)
                     .env("EDGECHAT_BACKEND", other)
-                    .args(["test", "--workspace", "--test", "fidelity", "--test", "real_model", "--test", "loading"]),
+                    .args(["test", "-p", "edgechat", "--test", "fidelity", "--test", "real_model", "--test", "loading"]),
             )?;
             // The OpenAI-compatible server, through the official openai client, against the built binary.
             let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
