@@ -9,7 +9,7 @@ RSS, the adapter's share of decode time). Standard library only.
     python3 benches/peers.py [MODEL_ID]      # default gemma-3-270m (`cargo xtask demo-model`)
 
 EDGECHAT_THREADS sets the threads for both (default: every core). edgechat is built as `cargo run`
-builds it.
+builds it, unless EDGECHAT_BIN names a binary to measure.
 """
 
 import hashlib
@@ -92,9 +92,13 @@ def main():
     model = sys.argv[1] if len(sys.argv) > 1 else "gemma-3-270m"
     threads = int(os.environ.get("EDGECHAT_THREADS") or os.cpu_count())
     version, llama_bench = build_llama_bench(threads)
-    # The workspace's one profile (dependencies at opt-level 3, our code at 1), as `cargo run` builds it.
-    run(["cargo", "build", "--quiet", "-p", "edgechat"], cwd=ROOT)
-    edgechat = pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target") / "debug" / "edgechat"
+    # The workspace's one profile (dependencies at opt-level 3, our code at 1), as `cargo run` builds it;
+    # EDGECHAT_BIN measures a binary built already.
+    if os.environ.get("EDGECHAT_BIN"):
+        edgechat = pathlib.Path(os.environ["EDGECHAT_BIN"])
+    else:
+        run(["cargo", "build", "--quiet", "-p", "edgechat"], cwd=ROOT)
+        edgechat = pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target") / "debug" / "edgechat"
     data = pathlib.Path(os.environ.get("EDGECHAT_HOME") or pathlib.Path.home() / ".local/share/edgechat")
     gguf = data / "Models" / model / "model.gguf"
     if not gguf.exists():
