@@ -157,15 +157,13 @@ fn a_cache_appended_in_place_equals_concatenation_and_held_arrays_never_change()
     }
 }
 
-/// Joining many parts is linear in the result (each part copied into place once), so a concatenation of
-/// 200 000 parts is computed at once rather than copying a growing prefix 200 000 times.
+/// Joining many parts: each part is copied into place once, so 200 000 parts are one pass over the result
+/// (a chain of pairwise joins would copy the growing prefix 200 000 times and not finish in a test run).
 #[test]
 fn a_concatenation_of_many_parts_is_computed_in_one_pass() {
     let be = CpuBackend;
     let parts: Vec<_> = (0..200_000).map(|i| be.from_f32(&[i as f32], &[1]).unwrap()).collect();
-    let started = std::time::Instant::now();
     let joined = be.concatenate(&parts.iter().collect::<Vec<_>>(), 0).unwrap();
     let values = be.read_f32(&joined).unwrap();
     assert!(values.iter().enumerate().all(|(i, &v)| v == i as f32));
-    assert!(started.elapsed() < std::time::Duration::from_secs(20), "{:?}", started.elapsed());
 }

@@ -285,26 +285,12 @@ impl Backend for ActiveBackend {
     fn attention(&self, q: &AnyArray, k: &AnyArray, v: &AnyArray, scale: f32, mask: Mask<'_, AnyArray>) -> OpResult<AnyArray> {
         match self {
             ActiveBackend::Cpu(be) => {
-                let (q, k, v) = (cpu_array(q)?, cpu_array(k)?, cpu_array(v)?);
-                let mask = match mask {
-                    Mask::None => Mask::None,
-                    Mask::Causal => Mask::Causal,
-                    Mask::SlidingWindow { window, query_offset, key_offset } => Mask::SlidingWindow { window, query_offset, key_offset },
-                    Mask::Explicit(AnyArray::Cpu(m)) => Mask::Explicit(m),
-                    Mask::Explicit(_) => return Err(MIXED.into()),
-                };
-                be.attention(q, k, v, scale, mask).map(AnyArray::Cpu)
+                let mask = mask.try_map(cpu_array)?;
+                be.attention(cpu_array(q)?, cpu_array(k)?, cpu_array(v)?, scale, mask).map(AnyArray::Cpu)
             }
             ActiveBackend::Mlx(be) => {
-                let (q, k, v) = (mlx_array(q)?, mlx_array(k)?, mlx_array(v)?);
-                let mask = match mask {
-                    Mask::None => Mask::None,
-                    Mask::Causal => Mask::Causal,
-                    Mask::SlidingWindow { window, query_offset, key_offset } => Mask::SlidingWindow { window, query_offset, key_offset },
-                    Mask::Explicit(AnyArray::Mlx(m)) => Mask::Explicit(m),
-                    Mask::Explicit(_) => return Err(MIXED.into()),
-                };
-                be.attention(q, k, v, scale, mask).map(AnyArray::Mlx)
+                let mask = mask.try_map(mlx_array)?;
+                be.attention(mlx_array(q)?, mlx_array(k)?, mlx_array(v)?, scale, mask).map(AnyArray::Mlx)
             }
         }
     }

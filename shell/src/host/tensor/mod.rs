@@ -51,6 +51,18 @@ pub enum Mask<'a, A> {
     Explicit(&'a A),
 }
 
+impl<'a, A> Mask<'a, A> {
+    /// The same mask over another array type (an explicit mask's array converted by `f`).
+    pub fn try_map<B>(self, f: impl FnOnce(&'a A) -> OpResult<&'a B>) -> OpResult<Mask<'a, B>> {
+        Ok(match self {
+            Mask::None => Mask::None,
+            Mask::Causal => Mask::Causal,
+            Mask::SlidingWindow { window, query_offset, key_offset } => Mask::SlidingWindow { window, query_offset, key_offset },
+            Mask::Explicit(m) => Mask::Explicit(f(m)?),
+        })
+    }
+}
+
 /// Rotary embedding parameters (see the WIT `rope-params`).
 #[derive(Debug, Clone, Copy)]
 pub struct Rope {
