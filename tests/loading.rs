@@ -75,3 +75,26 @@ fn logits_of_the_wrong_shape_are_refused_before_reading() {
     let err = format!("{:#}", model.forward(&[1, 2], &cache, false).unwrap_err());
     assert!(err.contains("returned logits of shape [1, 3] from forward, expected [1, 8]"), "{err}");
 }
+
+#[test]
+fn caches_dropped_by_the_shell_are_released_in_the_adapter() {
+    // A chat that resets, a server replacing caches, `run` answering prompt after prompt: each drops a
+    // cache. Its arrays live in the adapter until the resource is dropped there; they must not pile up.
+    for (adapter, model) in [("gemma", "tiny-gemma3"), ("leap", "tiny-lfm2")] {
+        let mut model = load(adapter, &common::fixture(&format!("tiny/{model}"))).unwrap();
+        let live = |m: &Model| m.session().state().expect("a live instance").tensors.live_handles;
+        let one_cache_in_use = |m: &mut Model| {
+            let cache = m.new_cache().unwrap();
+            m.forward(&[1, 2, 3], &cache, false).unwrap();
+            cache
+        };
+        let first = one_cache_in_use(&mut model);
+        let settled = live(&model);
+        drop(first);
+        for _ in 0..20 {
+            drop(one_cache_in_use(&mut model));
+        }
+        let _last = one_cache_in_use(&mut model);
+        assert_eq!(live(&model), settled, "{adapter}: handles still live after 21 caches were dropped");
+    }
+}

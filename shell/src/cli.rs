@@ -130,6 +130,10 @@ pub fn main() -> ExitCode {
         }
         None => crate::host::tensor::BackendKind::platform_default(),
     };
+    if let (crate::host::tensor::BackendKind::Cpu, Some(why)) = (backend, crate::host::tensor::active::cpu_unavailable()) {
+        eprintln!("error: {why}: use --backend mlx");
+        return ExitCode::from(1);
+    }
     crate::host::tensor::active::choose(backend);
     let result = std::panic::catch_unwind(|| dispatch(cli.command)).unwrap_or_else(|panic| {
         let what = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("");

@@ -6,6 +6,7 @@ use crate::adapter::{Adapter, Session};
 use crate::host::tensor::{Backend, TensorHandle};
 use crate::host::weights::OpenCheckpoint;
 use anyhow::{bail, Context, Result};
+use std::sync::{Arc, Mutex};
 use wasmtime::component::{Resource, ResourceAny};
 
 /// The largest vocabulary a model may report (today's largest are ~262k).
@@ -19,12 +20,27 @@ pub struct Model {
     pub vocab: u32,
     /// Total time spent inside `forward` calls building graphs (adapter code and host calls).
     graph_build: std::time::Duration,
+    /// Caches dropped by their owners, to be released in the adapter at the next call.
+    dropped: Arc<Mutex<Vec<Cache>>>,
 }
 
-/// One conversation's state inside the adapter (KV caches, conv state).
+/// One conversation's state inside the adapter (KV caches, conv state). The adapter holds its arrays
+/// until the resource is dropped there, which needs the store: dropping a `Cache` hands it back to its
+/// model, which releases it at its next call (a chat that resets, a server that replaces caches, a
+/// benchmark's runs would otherwise keep every cache they ever made).
 pub struct Cache {
     resource: ResourceAny,
     instance: u64,
+    dropped: Option<Arc<Mutex<Vec<Cache>>>>,
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        if let Some(dropped) = self.dropped.take() {
+            let cache = Cache { resource: self.resource, instance: self.instance, dropped: None };
+            dropped.lock().unwrap_or_else(|e| e.into_inner()).push(cache);
+        }
+    }
 }
 
 impl Model {
@@ -51,7 +67,7 @@ impl Model {
             bail!("adapter `{}` reports a vocabulary of {vocab} tokens (1 to {MAX_VOCAB} are possible)", adapter.name());
         }
         let instance = session.instance();
-        Ok(Model { session, model, instance, vocab, graph_build: Default::default() })
+        Ok(Model { session, model, instance, vocab, graph_build: Default::default(), dropped: Default::default() })
     }
 
     /// The adapter instance the model lives in (for its sandbox figures).
@@ -77,15 +93,28 @@ impl Model {
 
     pub fn new_cache(&mut self) -> Result<Cache> {
         self.check_live(self.instance)?;
+        self.release_dropped_caches()?;
         let model = self.model;
         let resource = self.session.call("model.new-cache", |store, b| Ok(Ok(b.new_cache(store, model)?)))?;
-        Ok(Cache { resource, instance: self.instance })
+        Ok(Cache { resource, instance: self.instance, dropped: Some(self.dropped.clone()) })
+    }
+
+    /// Drops, in the adapter, the caches whose owners let go of them (those of an instance since
+    /// restarted went with it).
+    fn release_dropped_caches(&mut self) -> Result<()> {
+        let dropped = std::mem::take(&mut *self.dropped.lock().unwrap_or_else(|e| e.into_inner()));
+        let live = self.session.instance();
+        for cache in dropped.into_iter().filter(|c| c.instance == live) {
+            self.session.call("cache.drop", |store, _| Ok(Ok(cache.resource.resource_drop(store)?)))?;
+        }
+        Ok(())
     }
 
     /// Runs `tokens` after what `cache` holds. Returns logits for every position ([tokens * vocab]) or for
     /// the last one ([vocab]).
     pub fn forward(&mut self, tokens: &[u32], cache: &Cache, all_positions: bool) -> Result<Vec<f32>> {
         self.check_live(cache.instance)?;
+        self.release_dropped_caches()?;
         if let Some(&bad) = tokens.iter().find(|&&t| t >= self.vocab) {
             bail!("token id {bad} is outside the vocabulary (size {})", self.vocab);
         }

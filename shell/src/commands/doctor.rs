@@ -21,8 +21,13 @@ pub fn run() -> Result<()> {
     println!("edgechat {} ({}-{})", env!("CARGO_PKG_VERSION"), std::env::consts::OS, std::env::consts::ARCH);
     let chosen = active::chosen();
     for kind in KINDS {
-        let note = if kind == chosen { "in use" } else { "available: --backend" };
-        println!("tensor backend   {:<4} {} ({note})", kind.name(), ActiveBackend::of(kind).name());
+        match (kind, active::cpu_unavailable()) {
+            (BackendKind::Cpu, Some(why)) => println!("tensor backend   cpu  unavailable: {why}"),
+            _ => {
+                let note = if kind == chosen { "in use" } else { "available: --backend" };
+                println!("tensor backend   {:<4} {} ({note})", kind.name(), ActiveBackend::of(kind).name());
+            }
+        }
     }
     println!("adapter runtime  wasmtime 48 (component model, no WASI; fuel {} per call, memory {} MiB)", shell.host.limits().fuel_per_call, shell.host.limits().memory_bytes >> 20);
     println!("data dir         {}", shell.paths.data.display());
@@ -70,7 +75,8 @@ fn check_adapter(adapter: &Adapter) -> Result<String> {
     let per_call = started.elapsed() / CALLS;
 
     let mut tests = Vec::new();
-    for kind in KINDS {
+    let runnable = KINDS.into_iter().filter(|&kind| kind != BackendKind::Cpu || active::cpu_unavailable().is_none());
+    for kind in runnable {
         // A fresh instance holds no arrays yet, so it may switch backends before the test.
         let mut session = adapter.instantiate()?;
         session.state_mut()?.tensors.backend = ActiveBackend::of(kind);

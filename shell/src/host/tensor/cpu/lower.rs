@@ -9,7 +9,7 @@
 use super::{Array, AttentionMask, Buffer, Op, State};
 use crate::host::tensor::{DType, OpResult, Rope};
 use llama_cpp_sys_2 as g;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 type T = *mut g::ggml_tensor;
@@ -18,15 +18,21 @@ type T = *mut g::ggml_tensor;
 /// about 20: its casts and copies, the mask, two products and a softmax). A full ggml graph aborts, so
 /// this errs high; it costs only tensor headers.
 const TENSORS_PER_OP: usize = 32;
+/// Graphs of up to this many tensor headers (a decode step or a prefill of some thousand tokens) use the
+/// runner's context; a larger one gets a context of its own, freed after it.
+const REUSED_CONTEXT_TENSORS: usize = 1 << 16;
 /// A graph larger than this is refused rather than planned (a forward pass has a few thousand nodes).
 const MAX_PENDING: usize = 1 << 20;
 
-/// The process-wide compute resources: one thread pool, one graph allocator, one work buffer.
+/// The process-wide compute resources: one thread pool, one graph allocator, one work buffer, and one
+/// context for tensor headers, reset for each graph (a fresh one per token cost a mapping and page faults).
 struct Runner {
     pool: *mut g::ggml_threadpool,
     threads: i32,
     allocator: g::ggml_gallocr_t,
     work: Vec<u64>,
+    /// Room for [`REUSED_CONTEXT_TENSORS`] tensor headers (null until first used).
+    headers: *mut g::ggml_context,
 }
 
 // SAFETY: the pool and allocator are only used under the runner's mutex.
@@ -43,7 +49,7 @@ fn runner() -> &'static Mutex<Runner> {
             let mut params = g::ggml_threadpool_params_default(threads);
             let pool = g::ggml_threadpool_new(&mut params);
             let allocator = g::ggml_gallocr_new(g::ggml_backend_cpu_buffer_type());
-            Mutex::new(Runner { pool, threads, allocator, work: Vec::new() })
+            Mutex::new(Runner { pool, threads, allocator, work: Vec::new(), headers: std::ptr::null_mut() })
         }
     })
 }
@@ -134,7 +140,7 @@ fn ne_of(t: T) -> [i64; 4] {
 /// Pending nodes reachable from `roots`, inputs before the nodes that use them.
 fn pending_order(roots: &[&Array]) -> OpResult<Vec<Array>> {
     let mut order = Vec::new();
-    let mut seen: HashMap<*const super::Node, bool> = HashMap::new();
+    let mut seen: HashMap<*const super::Node, bool> = HashMap::default();
     let mut stack: Vec<(Array, bool)> = roots.iter().map(|&a| (a.clone(), false)).collect();
     while let Some((node, expanded)) = stack.pop() {
         let key = Arc::as_ptr(&node.0);
@@ -195,15 +201,15 @@ pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
     if edges > 4 * MAX_PENDING {
         return Err(format!("a graph whose operations read more than {} inputs is refused", 4 * MAX_PENDING));
     }
-    let mut graph = Graph::new(order.len(), edges)?;
-    let result = graph.run(&mut runner, &order, &keep);
-    drop(graph);
-    result
+    let mut graph = Graph::new(&mut runner, order.len(), edges)?;
+    graph.run(&mut runner, &order, &keep)
 }
 
-/// One ggml context and graph, freed on drop.
+/// One ggml graph, its tensor headers in the runner's context or (a very large graph) its own.
 struct Graph {
     ctx: *mut g::ggml_context,
+    /// Whether `ctx` is this graph's own, freed with it.
+    owned: bool,
     graph: *mut g::ggml_cgraph,
     /// Buffers our leaves point into, kept alive until the graph is freed.
     held: Vec<Arc<Buffer>>,
@@ -214,30 +220,42 @@ struct Graph {
 
 impl Drop for Graph {
     fn drop(&mut self) {
-        // SAFETY: the context was created by ggml_init and is freed once.
-        unsafe { g::ggml_free(self.ctx) }
+        if self.owned {
+            // SAFETY: the context was created by ggml_init for this graph alone and is freed once.
+            unsafe { g::ggml_free(self.ctx) }
+        }
     }
 }
 
 impl Graph {
     /// A context and graph with room for `pending` ops reading `edges` inputs in all (a concatenation of
     /// n arrays becomes about 3n ggml tensors).
-    fn new(pending: usize, edges: usize) -> OpResult<Graph> {
+    fn new(runner: &mut Runner, pending: usize, edges: usize) -> OpResult<Graph> {
         let size = pending * TENSORS_PER_OP + edges * 4 + 64;
-        // SAFETY: sizes come from ggml's own overhead functions; no_alloc keeps data out of the arena.
+        // SAFETY: sizes come from ggml's own overhead functions; no_alloc keeps data out of the context.
+        // A reset context is empty again; nothing of an earlier graph is used after its evaluation.
         unsafe {
-            let mem = g::ggml_tensor_overhead() * size + g::ggml_graph_overhead_custom(size, false) + (1 << 16);
-            let ctx = g::ggml_init(g::ggml_init_params { mem_size: mem, mem_buffer: std::ptr::null_mut(), no_alloc: true });
-            if ctx.is_null() {
-                return Err("ggml could not allocate a graph context".into());
-            }
+            let init = |tensors: usize| {
+                let mem = g::ggml_tensor_overhead() * tensors + g::ggml_graph_overhead_custom(tensors, false) + (1 << 16);
+                let ctx = g::ggml_init(g::ggml_init_params { mem_size: mem, mem_buffer: std::ptr::null_mut(), no_alloc: true });
+                if ctx.is_null() { Err("ggml could not allocate a graph context".to_owned()) } else { Ok(ctx) }
+            };
+            let (ctx, owned) = if size > REUSED_CONTEXT_TENSORS {
+                (init(size)?, true)
+            } else {
+                if runner.headers.is_null() {
+                    runner.headers = init(REUSED_CONTEXT_TENSORS)?;
+                }
+                g::ggml_reset(runner.headers);
+                (runner.headers, false)
+            };
             let graph = g::ggml_new_graph_custom(ctx, size, false);
-            Ok(Graph { ctx, graph, held: Vec::new(), leaves: HashMap::new(), appended: HashMap::new() })
+            Ok(Graph { ctx, owned, graph, held: Vec::new(), leaves: HashMap::default(), appended: HashMap::default() })
         }
     }
 
     fn run(&mut self, runner: &mut Runner, order: &[Array], keep: &[bool]) -> OpResult<()> {
-        let mut lowered: HashMap<*const super::Node, T> = HashMap::new();
+        let mut lowered: HashMap<*const super::Node, T> = HashMap::default();
         for node in order {
             if node.elements() == 0 {
                 // Nothing to compute (ggml's kernels assume at least one element): an empty result.
