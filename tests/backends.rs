@@ -46,6 +46,9 @@ fn cases<B: Backend>(be: &B) -> Results {
     case("sigmoid", be.sigmoid(&a));
     case("silu", be.silu(&a));
     case("gelu-tanh", be.gelu_tanh(&be.scale(&a, 3.0).unwrap()));
+    // Far tails and overflow: tanh saturating, x^3 and exp overflowing, infinities (NaN must match too).
+    let tails = [-1e30f32, -1e4, -60.0, -9.0, -1e-6, 0.0, 1e-6, 9.0, 60.0, 1e4, 1e30, f32::INFINITY, f32::NEG_INFINITY];
+    case("gelu-tanh at the tails", be.gelu_tanh(&be.from_f32(&tails, &[tails.len() as i32]).unwrap()));
     case("astype to bfloat16 and back", be.astype(&a, DType::BF16).and_then(|h| be.astype(&h, DType::F32)));
     case("reshape of a transpose", be.transpose(&a, &[2, 0, 1]).and_then(|t| be.reshape(&t, &[16, 6])));
     case("slice with negative bounds", be.slice(&a, &[0, -2, 3], &[2, 3, -1]));

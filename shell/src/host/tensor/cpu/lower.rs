@@ -633,9 +633,13 @@ impl Graph {
                 let (start, end) = ((ith as usize * share).min(n), ((ith as usize + 1) * share).min(n));
                 let (x, y) = ((*a).data as *const f32, (*dst).data as *mut f32);
                 let c = (2.0f32 / std::f32::consts::PI).sqrt();
+                // 0.5 (1 + tanh u) is sigmoid(2u): one exp instead of tanh's expm1 and more (GELU was
+                // ~5 % of a 512-token prefill with tanh). It stays finite at both ends: exp overflowing
+                // to infinity gives -0, exp vanishing gives v.
                 for i in start..end {
                     let v = *x.add(i);
-                    *y.add(i) = 0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh());
+                    let u = c * (v + 0.044715 * v * v * v);
+                    *y.add(i) = v / (1.0 + (-2.0 * u).exp());
                 }
             }
         }
