@@ -182,6 +182,14 @@ impl Backend for ActiveBackend {
         dispatch!(self, |be| be.from_bytes(dtype, bytes, shape).map(AnyArray::Cpu), be.from_bytes(dtype, bytes, shape).map(AnyArray::Mlx))
     }
 
+    fn affine_as_blocks(&self, w: &AnyArray, scales: &AnyArray, biases: &AnyArray, group_size: i32, bits: i32) -> OpResult<Option<AnyArray>> {
+        dispatch!(
+            self,
+            |be| Ok(be.affine_as_blocks(cpu_array(w)?, cpu_array(scales)?, cpu_array(biases)?, group_size, bits)?.map(AnyArray::Cpu)),
+            Ok(be.affine_as_blocks(mlx_array(w)?, mlx_array(scales)?, mlx_array(biases)?, group_size, bits)?.map(AnyArray::Mlx))
+        )
+    }
+
     fn from_blocks(&self, ggml_type: u32, map: &Arc<Mmap>, range: Range<usize>, shape: &[i32]) -> OpResult<Option<AnyArray>> {
         dispatch!(self, |be| Ok(be.from_blocks(ggml_type, map, range, shape)?.map(AnyArray::Cpu)), Ok(be.from_blocks(ggml_type, map, range, shape)?.map(AnyArray::Mlx)))
     }

@@ -10,6 +10,7 @@
 //! brought to the types and layouts its kernel takes (f32 activations, contiguous rows) by [`lower`],
 //! never by the adapter.
 
+mod affine;
 mod lower;
 
 use super::{checks, Backend, DType, Mask, OpResult, Rope};
@@ -440,6 +441,21 @@ impl Backend for CpuBackend {
 
     fn dequantize(&self, w: &Array, scales: &Array, biases: &Array, group_size: i32, bits: i32) -> OpResult<Array> {
         self.dequantize_now(w, scales, biases, group_size, bits)
+    }
+
+    fn affine_as_blocks(&self, w: &Array, scales: &Array, biases: &Array, group_size: i32, bits: i32) -> OpResult<Option<Array>> {
+        if bits != 4 || group_size <= 0 || w.0.dtype != DType::U32 || w.0.shape.len() != 2 {
+            return Ok(None);
+        }
+        let words: Vec<u32> = self.computed(w)?.bytes().chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let floats = |a: &Array| -> OpResult<Vec<f32>> { Ok(to_f64(self.computed(a)?.bytes(), a.0.dtype).into_iter().map(|v| v as f32).collect()) };
+        let (rows, columns) = (w.0.shape[0], w.0.shape[1].checked_mul(8).ok_or("a 4-bit weight too wide")?);
+        let Some(blocks) = affine::q4_1_blocks(&words, &floats(scales)?, &floats(biases)?, rows as usize, group_size as usize) else {
+            return Ok(None);
+        };
+        let buffer = Arc::new(Buffer::from_bytes(&blocks));
+        let node = Node { shape: vec![rows, columns], dtype: DType::F32, blocks: Some(lower::Q4_1), state: Mutex::new(State::Ready(buffer)), dequantized: OnceLock::new() };
+        Ok(Some(Array(Arc::new(node))))
     }
 
     /// MLX affine quantization (min/max per group), in Rust, so `--dtype q4/q8` means the same on both backends.

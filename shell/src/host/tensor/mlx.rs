@@ -84,6 +84,11 @@ impl Backend for MlxBackend {
         })
     }
 
+    /// MLX multiplies its own affine format as it is.
+    fn affine_as_blocks(&self, _: &Array, _: &Array, _: &Array, _: i32, _: i32) -> OpResult<Option<Array>> {
+        Ok(None)
+    }
+
     /// MLX has no ggml block formats: the caller dequantizes instead.
     fn from_blocks(&self, _: u32, _: &std::sync::Arc<memmap2::Mmap>, _: std::ops::Range<usize>, _: &[i32]) -> OpResult<Option<Array>> {
         Ok(None)

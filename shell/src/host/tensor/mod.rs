@@ -96,6 +96,9 @@ pub trait Backend {
     #[allow(clippy::too_many_arguments)]
     fn quantized_matmul(&self, x: &Self::Array, w: &Self::Array, scales: &Self::Array, biases: &Self::Array, transpose: bool, group_size: i32, bits: i32) -> OpResult<Self::Array>;
     fn dequantize(&self, w: &Self::Array, scales: &Self::Array, biases: &Self::Array, group_size: i32, bits: i32) -> OpResult<Self::Array>;
+    /// MLX affine weights as block-quantized data the backend multiplies as blocks (see `from_blocks`);
+    /// None when it has no block format for them.
+    fn affine_as_blocks(&self, w: &Self::Array, scales: &Self::Array, biases: &Self::Array, group_size: i32, bits: i32) -> OpResult<Option<Self::Array>>;
     /// MLX affine quantization of a float matrix: (packed weight, scales, biases).
     fn quantize(&self, w: &Self::Array, group_size: i32, bits: i32) -> OpResult<(Self::Array, Self::Array, Self::Array)>;
     fn add(&self, a: &Self::Array, b: &Self::Array) -> OpResult<Self::Array>;

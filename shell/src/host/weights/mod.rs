@@ -79,6 +79,12 @@ impl Precision {
     /// Casts float tensors, and quantizes matrices whose rows split into whole groups.
     fn apply(self, backend: &ActiveBackend, loaded: Loaded) -> Result<Loaded, String> {
         const GROUP: i32 = 64;
+        // An MLX-quantized checkpoint at `auto`: as blocks where the backend multiplies them fast.
+        if let (Precision::Auto, Loaded::Quantized { weight, scales, biases, group_size, bits }) = (self, &loaded) {
+            if let Some(blocks) = backend.affine_as_blocks(weight, scales, biases, *group_size as i32, *bits as i32)? {
+                return Ok(Loaded::Dense(blocks));
+            }
+        }
         let Loaded::Dense(array) = loaded else { return Ok(loaded) };
         if !matches!(backend.dtype(&array), DType::F32 | DType::F16 | DType::BF16) {
             return Ok(Loaded::Dense(array));

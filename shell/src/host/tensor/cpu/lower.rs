@@ -98,6 +98,8 @@ fn ne(shape: &[i32]) -> OpResult<[i64; 4]> {
 
 /// ggml's number of types: ids at or above it are not types.
 pub(super) const TYPE_COUNT: u32 = g::GGML_TYPE_COUNT;
+/// The block format MLX affine 4-bit weights become (see `affine.rs`).
+pub(super) const Q4_1: u32 = g::GGML_TYPE_Q4_1;
 
 /// Elements per block of a ggml type. Safe for ids below [`TYPE_COUNT`].
 pub(super) unsafe fn block_size(ty: u32) -> i64 {
