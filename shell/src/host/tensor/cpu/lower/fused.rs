@@ -1,0 +1,129 @@
+//! The lowerings that are more than one ggml call: caches appended in place, GELU as one exact node,
+//! rope through strides, attention as ggml's fused kernel with the shell's masks.
+
+use super::{ne, ne_of, Graph, HashMap, T};
+use crate::host::tensor::cpu::{Array, AttentionMask, Buffer, Node, Op, State};
+use crate::host::tensor::{DType, OpResult, Rope};
+use llama_cpp_sys_2 as g;
+use std::sync::Arc;
+
+impl Graph {
+    /// A cache growing by one step — concatenate(old, new) along an axis with only unit axes before it,
+    /// where nothing but this op still holds `old` — is computed by writing `new` after `old`'s bytes in
+    /// old's own buffer (grown geometrically), instead of copying the whole history every token.
+    pub(super) fn append(&mut self, op: &Op, inputs: &[Array], node: &Array, lowered: &HashMap<*const Node, T>) -> OpResult<Option<T>> {
+        let Op::Concat(axis) = op else { return Ok(None) };
+        let [old, new] = inputs else { return Ok(None) };
+        let f32s = [&node.0, &old.0].iter().all(|n| n.dtype == DType::F32 && n.blocks.is_none());
+        if !f32s || node.0.shape[..*axis].iter().any(|&d| d != 1) || Arc::strong_count(&old.0) != 1 || new.elements() == 0 {
+            return Ok(None);
+        }
+        let buffer = {
+            let mut state = old.state();
+            let State::Ready(buffer) = &mut *state else { return Ok(None) };
+            let Some(data) = Arc::get_mut(buffer) else { return Ok(None) };
+            if !data.grow(node.elements() * 4) {
+                return Ok(None);
+            }
+            buffer.clone()
+        };
+        let old_bytes = old.elements() * 4;
+        let new_t = match lowered.get(&Arc::as_ptr(&new.0)) {
+            Some(&t) => t,
+            None => self.leaf(new)?,
+        };
+        let full = self.data(g::GGML_TYPE_F32, &ne(&node.0.shape)?, buffer.clone());
+        let new_t = self.act(new_t)?;
+        // SAFETY: the tail view lies inside `full` (old bytes + new elements = the grown length); the copy
+        // is added to the graph before any op that reads `full`, and ggml runs nodes in order.
+        unsafe {
+            let tail = g::ggml_view_1d(self.ctx, full, new.elements() as i64, old_bytes);
+            g::ggml_build_forward_expand(self.graph, g::ggml_cpy(self.ctx, new_t, tail));
+        }
+        self.appended.insert(Arc::as_ptr(&node.0), buffer);
+        Ok(Some(full))
+    }
+
+    /// GELU (tanh approximation) in f32, as one node on every thread: ggml's own GELU reads an f16 table,
+    /// and composing it from ggml ops takes eight nodes, each a barrier for the thread pool.
+    pub(super) unsafe fn gelu_tanh(&self, x: T) -> T {
+        /// ggml calls this on each of `nth` threads; thread `ith` takes its share of the elements of a
+        /// contiguous f32 `a` (act() made it so) into `dst`, a new tensor of the same shape.
+        unsafe extern "C" fn rows(dst: *mut g::ggml_tensor, a: *const g::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
+            // SAFETY: both tensors hold ggml_nelements(a) contiguous f32 values, and the threads' ranges
+            // are disjoint.
+            unsafe {
+                let n = g::ggml_nelements(a) as usize;
+                let share = n.div_ceil(nth.max(1) as usize);
+                let (start, end) = ((ith as usize * share).min(n), ((ith as usize + 1) * share).min(n));
+                let (x, y) = ((*a).data as *const f32, (*dst).data as *mut f32);
+                let c = (2.0f32 / std::f32::consts::PI).sqrt();
+                // 0.5 (1 + tanh u) is sigmoid(2u): one exp instead of tanh's expm1 and more (GELU was
+                // ~5 % of a 512-token prefill with tanh). It stays finite at both ends: exp overflowing
+                // to infinity gives -0, exp vanishing gives v.
+                for i in start..end {
+                    let v = *x.add(i);
+                    let u = c * (v + 0.044715 * v * v * v);
+                    *y.add(i) = v / (1.0 + (-2.0 * u).exp());
+                }
+            }
+        }
+        g::ggml_map_custom1(self.ctx, x, Some(rows), -1, std::ptr::null_mut())
+    }
+
+    /// MLX's rope over x [.., heads, seq, d]; ggml's rotates x [d, heads, seq, batch] by positions along seq.
+    pub(super) unsafe fn rope(&mut self, x: T, p: Rope) -> T {
+        let ctx = self.ctx;
+        let seq = ne_of(x)[1];
+        let positions: Vec<u8> = (0..seq).flat_map(|i| (p.offset + i as i32).to_le_bytes()).collect();
+        let positions = self.data(g::GGML_TYPE_I32, &[seq, 1, 1, 1], Arc::new(Buffer::from_bytes(&positions)));
+        // ggml's rope reads its input through strides: the permutation is a view, not a copy.
+        let heads_outer = g::ggml_permute(ctx, x, 0, 2, 1, 3);
+        // ggml's rope modes: 0 rotates interleaved pairs, GGML_ROPE_TYPE_NEOX (2) the two halves.
+        let mode = if p.traditional { 0 } else { 2 };
+        let rotated = g::ggml_rope_ext(ctx, heads_outer, positions, std::ptr::null_mut(), p.dims, mode, 0, p.base, p.scale, 0.0, 1.0, 0.0, 0.0);
+        g::ggml_permute(ctx, rotated, 0, 2, 1, 3)
+    }
+
+    /// softmax(q k^T scale + mask) v; ggml's mul_mat broadcasts kv heads over query heads as grouped-query
+    /// attention does (query head h reads kv head h / (hq / hkv)).
+    pub(super) unsafe fn attention(&mut self, x: &[T], scale: f32, mask: AttentionMask) -> OpResult<T> {
+        let ctx = self.ctx;
+        let (q, k, v) = (self.act(x[0])?, self.act(x[1])?, self.act(x[2])?);
+        let (lq, lk) = (ne_of(q)[1], ne_of(k)[1]);
+        let scores = g::ggml_mul_mat(ctx, k, q);
+        let visible = |f: &dyn Fn(i64, i64) -> bool| -> Vec<f32> {
+            (0..lq).flat_map(|i| (0..lk).map(move |j| (i, j))).map(|(i, j)| if f(i, j) { 0.0 } else { f32::NEG_INFINITY }).collect()
+        };
+        // The masks the shell builds go to ggml's fused attention (f16 masks: 0 or -inf are exact), which
+        // reads K and V as they are: no score matrix, no transposed copy of V.
+        let built = match mask {
+            AttentionMask::None => Some(std::ptr::null_mut()),
+            AttentionMask::Causal => Some(self.f16_leaf(&visible(&|i, j| j <= lk - lq + i), [lk, lq, 1, 1])),
+            AttentionMask::SlidingWindow { window, query_offset, key_offset } => {
+                let sees = |i: i64, j: i64| {
+                    let (query, key) = (query_offset + i, key_offset + j);
+                    key <= query && query - window < key
+                };
+                Some(self.f16_leaf(&visible(&sees), [lk, lq, 1, 1]))
+            }
+            AttentionMask::Explicit => None,
+        };
+        if let Some(mask) = built {
+            let fused = g::ggml_flash_attn_ext(ctx, q, k, v, mask, scale, 0.0, 0.0);
+            // ggml's result is [d, heads, queries, batch]; the contract's is [batch, heads, queries, d].
+            return Ok(g::ggml_permute(ctx, fused, 0, 2, 1, 3));
+        }
+        let mask = match mask {
+            AttentionMask::Explicit => {
+                let m = self.act(x[3])?;
+                let n = ne_of(m);
+                self.cont(self.repeat(m, [lk, lq, n[2], n[3]]))
+            }
+            _ => unreachable!("built above"),
+        };
+        let probabilities = g::ggml_soft_max_ext(ctx, scores, mask, scale, 0.0);
+        let v_t = g::ggml_cont(ctx, g::ggml_permute(ctx, v, 1, 0, 2, 3));
+        Ok(g::ggml_mul_mat(ctx, v_t, probabilities))
+    }
+}
