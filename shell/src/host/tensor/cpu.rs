@@ -88,7 +88,25 @@ pub struct Buffer {
 
 enum Storage {
     Owned(Vec<Chunk>),
+    /// Bytes that grow in place (see [`Buffer::grow`]).
+    Growing(memmap2::MmapMut),
     Mapped { map: Arc<Mmap>, offset: usize },
+}
+
+/// Set when a buffer left the heap for a mapping of its own (see [`Buffer::grow`]): the heap memory it
+/// held is handed back to the system after the evaluation ([`lower::evaluate`]). Caches start as a
+/// prefill's results in the heap; without this their old copies stayed resident as holes in it.
+static HEAP_HOLES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Returns the heap's free pages to the system if buffers left it since the last call.
+fn release_heap_holes() {
+    if HEAP_HOLES.swap(false, std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
 }
 
 #[repr(C, align(64))]
@@ -116,16 +134,38 @@ impl Buffer {
         Buffer { storage: Storage::Owned(storage), len }
     }
 
-    /// Extends owned bytes to `len` (zeros after the old end), keeping room to grow geometrically.
-    /// False for mapped data, which never grows.
+    /// Extends the bytes to `len` (zeros after the old end); false for a mapped checkpoint. The first
+    /// growth moves them into an anonymous mapping with room to double, later ones remap it (Linux moves
+    /// the pages, copying nothing): a cache appended to every token neither copies its history nor leaves
+    /// freed copies in the heap (they held ~40 MB after a 640-token run), and room not yet written costs
+    /// no memory. The caller holds the only reference, so nothing points into the bytes as they move.
     fn grow(&mut self, len: usize) -> bool {
-        let Storage::Owned(chunks) = &mut self.storage else { return false };
-        let needed = len.div_ceil(64);
-        if needed > chunks.len() {
-            chunks.reserve(needed.max(chunks.len() * 2) - chunks.len());
-            chunks.resize(needed, Chunk([0; 64]));
+        if len <= self.len {
+            return true;
         }
-        self.len = len.max(self.len);
+        let room = len.max(self.len.saturating_mul(2));
+        match &mut self.storage {
+            Storage::Mapped { .. } => return false,
+            Storage::Growing(map) => {
+                #[cfg(target_os = "linux")]
+                if map.len() < len {
+                    // SAFETY: the mapping is ours alone (see above); remapping keeps its contents. On
+                    // failure it is unchanged, and is copied below.
+                    let _ = unsafe { map.remap(room, memmap2::RemapOptions::new().may_move(true)) };
+                }
+                if map.len() >= len {
+                    self.len = len;
+                    return true;
+                }
+            }
+            Storage::Owned(_) => {}
+        }
+        let Ok(mut fresh) = memmap2::MmapMut::map_anon(room) else { return false };
+        fresh[..self.len].copy_from_slice(self.bytes());
+        if let Storage::Owned(_) = std::mem::replace(&mut self.storage, Storage::Growing(fresh)) {
+            HEAP_HOLES.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.len = len;
         true
     }
 
@@ -139,6 +179,7 @@ impl Buffer {
         match &self.storage {
             // SAFETY: the chunks hold at least `len` initialized bytes; Chunk is plain bytes.
             Storage::Owned(chunks) => unsafe { std::slice::from_raw_parts(chunks.as_ptr().cast::<u8>(), self.len) },
+            Storage::Growing(map) => &map[..self.len],
             Storage::Mapped { map, offset } => &map[*offset..*offset + self.len],
         }
     }
@@ -148,6 +189,7 @@ impl Buffer {
         match &mut self.storage {
             // SAFETY: as above, and we hold the only reference.
             Storage::Owned(chunks) => unsafe { std::slice::from_raw_parts_mut(chunks.as_mut_ptr().cast::<u8>(), self.len) },
+            Storage::Growing(map) => &mut map[..self.len],
             Storage::Mapped { .. } => unreachable!("mapped buffers are never written"),
         }
     }

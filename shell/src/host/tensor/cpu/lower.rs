@@ -206,7 +206,9 @@ pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
         return Err(format!("a graph whose operations read more than {} inputs is refused", 4 * MAX_PENDING));
     }
     let mut graph = Graph::new(&mut runner, order.len(), edges)?;
-    graph.run(&mut runner, &order, &keep)
+    let result = graph.run(&mut runner, &order, &keep);
+    super::release_heap_holes();
+    result
 }
 
 /// One ggml graph, its tensor headers in the runner's context or (a very large graph) its own.
