@@ -219,10 +219,11 @@ fn every_precision_runs_close_to_f32() {
     }
 }
 
-/// A long prompt in one call stays within an adapter call's compute budget (sliding-window masks are
-/// built by the shell, not in the guest), and agrees with the same prompt fed in chunks.
+/// A long prompt (the engine computes it PREFILL_CHUNK tokens per graph, each call within an adapter
+/// call's compute budget: sliding-window masks are built by the shell, not in the guest) agrees with the
+/// same prompt fed in other pieces, and its logits for every position come back whole and in order.
 #[test]
-fn a_long_prompt_fits_one_call_and_matches_chunked_prefill() {
+fn a_long_prompt_matches_other_chunkings_and_returns_every_position() {
     let mut model = load("gemma", "tiny-gemma3");
     let ids: Vec<u32> = (0..2000).map(|i| 3 + (i * 37 % 1000) as u32).collect();
     let cache = model.new_cache().unwrap();
@@ -234,6 +235,14 @@ fn a_long_prompt_fits_one_call_and_matches_chunked_prefill() {
     }
     let diff = max_abs_diff(&whole, &last);
     assert!(diff < TOLERANCE, "long prompt, whole vs chunked: {diff}");
+    let cache = model.new_cache().unwrap();
+    let every = model.forward(&ids, &cache, true).unwrap();
+    let vocab = whole.len();
+    assert_eq!(every.len(), ids.len() * vocab);
+    assert!(max_abs_diff(&every[every.len() - vocab..], &whole) < TOLERANCE);
+    let cache = model.new_cache().unwrap();
+    let first = model.forward(&ids[..edgechat::engine::PREFILL_CHUNK + 1], &cache, true).unwrap();
+    assert!(max_abs_diff(&first, &every[..first.len()]) < TOLERANCE, "a prefix's positions differ");
 }
 
 #[test]
