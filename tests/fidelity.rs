@@ -264,4 +264,10 @@ fn out_of_vocabulary_tokens_are_refused() {
     let cache = model.new_cache().unwrap();
     let err = model.forward(&[5, 4096], &cache, false).unwrap_err();
     assert!(err.to_string().contains("token id 4096 is outside the vocabulary"));
+    // In a prompt long enough to be computed in chunks, a bad id in the last chunk refuses the whole
+    // prompt before any of it reaches the cache.
+    let mut long = vec![5u32; edgechat::engine::PREFILL_CHUNK + 3];
+    *long.last_mut().unwrap() = 4096;
+    assert!(model.forward(&long, &cache, false).is_err());
+    assert_eq!(model.cache_length(&cache).unwrap(), 0);
 }

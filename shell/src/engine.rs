@@ -118,6 +118,10 @@ impl Model {
     /// the last one ([vocab]). A long prompt is computed [`PREFILL_CHUNK`] tokens at a time, which gives
     /// the same logits with activation memory bounded by the chunk, not by the prompt.
     pub fn forward(&mut self, tokens: &[u32], cache: &Cache, all_positions: bool) -> Result<Vec<f32>> {
+        // Checked whole before any chunk reaches the cache.
+        if let Some(&bad) = tokens.iter().find(|&&t| t >= self.vocab) {
+            bail!("token id {bad} is outside the vocabulary (size {})", self.vocab);
+        }
         if tokens.len() <= PREFILL_CHUNK {
             return self.forward_once(tokens, cache, all_positions);
         }
@@ -137,9 +141,6 @@ impl Model {
     fn forward_once(&mut self, tokens: &[u32], cache: &Cache, all_positions: bool) -> Result<Vec<f32>> {
         self.check_live(cache.instance)?;
         self.release_dropped_caches()?;
-        if let Some(&bad) = tokens.iter().find(|&&t| t >= self.vocab) {
-            bail!("token id {bad} is outside the vocabulary (size {})", self.vocab);
-        }
         let (model, cache) = (self.model, cache.resource);
         let started = std::time::Instant::now();
         let logits: Resource<TensorHandle> = self.session.call("model.forward", |store, b| {
