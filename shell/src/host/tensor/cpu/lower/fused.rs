@@ -85,45 +85,39 @@ impl Graph {
         g::ggml_permute(ctx, rotated, 0, 2, 1, 3)
     }
 
-    /// softmax(q k^T scale + mask) v; ggml's mul_mat broadcasts kv heads over query heads as grouped-query
-    /// attention does (query head h reads kv head h / (hq / hkv)).
+    /// softmax(q k^T scale + mask) v. The masks the shell builds go to ggml's fused attention (as f16:
+    /// 0 and -inf are exact), which reads K and V as they are — no score matrix, no transposed copy of V —
+    /// and broadcasts kv heads over query heads as grouped-query attention does.
     pub(super) unsafe fn attention(&mut self, x: &[T], scale: f32, mask: AttentionMask) -> OpResult<T> {
         let ctx = self.ctx;
         let (q, k, v) = (self.act(x[0])?, self.act(x[1])?, self.act(x[2])?);
         let (lq, lk) = (ne_of(q)[1], ne_of(k)[1]);
-        let scores = g::ggml_mul_mat(ctx, k, q);
         let visible = |f: &dyn Fn(i64, i64) -> bool| -> Vec<f32> {
             (0..lq).flat_map(|i| (0..lk).map(move |j| (i, j))).map(|(i, j)| if f(i, j) { 0.0 } else { f32::NEG_INFINITY }).collect()
         };
-        // The masks the shell builds go to ggml's fused attention (f16 masks: 0 or -inf are exact), which
-        // reads K and V as they are: no score matrix, no transposed copy of V.
-        let built = match mask {
-            AttentionMask::None => Some(std::ptr::null_mut()),
-            AttentionMask::Causal => Some(self.f16_leaf(&visible(&|i, j| j <= lk - lq + i), [lk, lq, 1, 1])),
+        let mask = match mask {
+            AttentionMask::None => std::ptr::null_mut(),
+            AttentionMask::Causal => self.f16_leaf(&visible(&|i, j| j <= lk - lq + i), [lk, lq, 1, 1]),
             AttentionMask::SlidingWindow { window, query_offset, key_offset } => {
                 let sees = |i: i64, j: i64| {
                     let (query, key) = (query_offset + i, key_offset + j);
                     key <= query && query - window < key
                 };
-                Some(self.f16_leaf(&visible(&sees), [lk, lq, 1, 1]))
+                self.f16_leaf(&visible(&sees), [lk, lq, 1, 1])
             }
-            AttentionMask::Explicit => None,
-        };
-        if let Some(mask) = built {
-            let fused = g::ggml_flash_attn_ext(ctx, q, k, v, mask, scale, 0.0, 0.0);
-            // ggml's result is [d, heads, queries, batch]; the contract's is [batch, heads, queries, d].
-            return Ok(g::ggml_permute(ctx, fused, 0, 2, 1, 3));
-        }
-        let mask = match mask {
             AttentionMask::Explicit => {
+                // An adapter's own mask may hold any values, which f16 would round: scores, a masked
+                // softmax in f32, then the product with V (ggml's mul_mat broadcasts kv heads the same way).
                 let m = self.act(x[3])?;
                 let n = ne_of(m);
-                self.cont(self.repeat(m, [lk, lq, n[2], n[3]]))
+                let mask = self.cont(self.repeat(m, [lk, lq, n[2], n[3]]));
+                let probabilities = g::ggml_soft_max_ext(ctx, g::ggml_mul_mat(ctx, k, q), mask, scale, 0.0);
+                let v_t = g::ggml_cont(ctx, g::ggml_permute(ctx, v, 1, 0, 2, 3));
+                return Ok(g::ggml_mul_mat(ctx, v_t, probabilities));
             }
-            _ => unreachable!("built above"),
         };
-        let probabilities = g::ggml_soft_max_ext(ctx, scores, mask, scale, 0.0);
-        let v_t = g::ggml_cont(ctx, g::ggml_permute(ctx, v, 1, 0, 2, 3));
-        Ok(g::ggml_mul_mat(ctx, v_t, probabilities))
+        let fused = g::ggml_flash_attn_ext(ctx, q, k, v, mask, scale, 0.0, 0.0);
+        // ggml's result is [d, heads, queries, batch]; the contract's is [batch, heads, queries, d].
+        Ok(g::ggml_permute(ctx, fused, 0, 2, 1, 3))
     }
 }

@@ -1,0 +1,131 @@
+//! Where the cpu backend's array bytes live: our own 64-byte aligned memory, memory that grows in place
+//! (caches), or a range of a mapped checkpoint.
+
+use memmap2::Mmap;
+use std::sync::Arc;
+
+/// Element bytes: our own, 64-byte aligned (ggml's alignment for its buffers), or a range of a mapped
+/// checkpoint (block-quantized weights are computed from the file's pages, never copied).
+pub(super) struct Buffer {
+    storage: Storage,
+    len: usize,
+}
+
+enum Storage {
+    Owned(Vec<Chunk>),
+    /// Bytes that grow in place (see [`Buffer::grow`]).
+    Growing(memmap2::MmapMut),
+    Mapped { map: Arc<Mmap>, offset: usize },
+}
+
+/// Set when a buffer left the heap for a mapping of its own (see [`Buffer::grow`]): the heap memory it
+/// held is handed back to the system after the evaluation (`lower::evaluate`). Caches start as a
+/// prefill's results in the heap; without this their old copies stayed resident as holes in it.
+static HEAP_HOLES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Returns the heap's free pages to the system if buffers left it since the last call.
+pub(super) fn release_heap_holes() {
+    if HEAP_HOLES.swap(false, std::sync::atomic::Ordering::Relaxed) {
+        // SAFETY: malloc_trim only releases free memory; it is thread-safe.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Chunk([u8; 64]);
+
+impl Buffer {
+    /// Zeroed memory from the allocator (fresh pages are not written twice).
+    pub(super) fn zeroed(len: usize) -> Buffer {
+        let chunks = len.div_ceil(64);
+        let storage = if chunks == 0 {
+            Vec::new()
+        } else {
+            let layout = std::alloc::Layout::array::<Chunk>(chunks).expect("a buffer within the byte cap");
+            // SAFETY: a non-zero layout; all-zero bytes are a valid Chunk; the Vec takes ownership of
+            // exactly this allocation with this layout.
+            unsafe {
+                let ptr = std::alloc::alloc_zeroed(layout).cast::<Chunk>();
+                if ptr.is_null() {
+                    std::alloc::handle_alloc_error(layout);
+                }
+                Vec::from_raw_parts(ptr, chunks, chunks)
+            }
+        };
+        Buffer { storage: Storage::Owned(storage), len }
+    }
+
+    /// Extends the bytes to `len` (zeros after the old end); false for a mapped checkpoint. The first
+    /// growth moves them into an anonymous mapping with room to double, later ones remap it (Linux moves
+    /// the pages, copying nothing): a cache appended to every token neither copies its history nor leaves
+    /// freed copies in the heap (they held ~40 MB after a 640-token run), and room not yet written costs
+    /// no memory. The caller holds the only reference, so nothing points into the bytes as they move.
+    pub(super) fn grow(&mut self, len: usize) -> bool {
+        if len <= self.len {
+            return true;
+        }
+        let room = len.max(self.len.saturating_mul(2));
+        match &mut self.storage {
+            Storage::Mapped { .. } => return false,
+            Storage::Growing(map) => {
+                #[cfg(target_os = "linux")]
+                if map.len() < len {
+                    // SAFETY: the mapping is ours alone (see above); remapping keeps its contents. On
+                    // failure it is unchanged, and is copied below.
+                    let _ = unsafe { map.remap(room, memmap2::RemapOptions::new().may_move(true)) };
+                }
+                if map.len() >= len {
+                    self.len = len;
+                    return true;
+                }
+            }
+            Storage::Owned(_) => {}
+        }
+        let Ok(mut fresh) = memmap2::MmapMut::map_anon(room) else { return false };
+        fresh[..self.len].copy_from_slice(self.bytes());
+        if let Storage::Owned(_) = std::mem::replace(&mut self.storage, Storage::Growing(fresh)) {
+            HEAP_HOLES.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.len = len;
+        true
+    }
+
+    /// `len` bytes of a mapped file from `offset` (checked by the caller to lie within it).
+    pub(super) fn mapped(map: Arc<Mmap>, offset: usize, len: usize) -> Buffer {
+        Buffer { storage: Storage::Mapped { map, offset }, len }
+    }
+
+    pub(super) fn from_bytes(bytes: &[u8]) -> Buffer {
+        let mut b = Buffer::zeroed(bytes.len());
+        b.bytes_mut().copy_from_slice(bytes);
+        b
+    }
+
+    pub(super) fn bytes(&self) -> &[u8] {
+        match &self.storage {
+            // SAFETY: the chunks hold at least `len` initialized bytes; Chunk is plain bytes.
+            Storage::Owned(chunks) => unsafe { std::slice::from_raw_parts(chunks.as_ptr().cast::<u8>(), self.len) },
+            Storage::Growing(map) => &map[..self.len],
+            Storage::Mapped { map, offset } => &map[*offset..*offset + self.len],
+        }
+    }
+
+    /// Only for buffers being filled (always owned).
+    pub(super) fn bytes_mut(&mut self) -> &mut [u8] {
+        match &mut self.storage {
+            // SAFETY: as above, and we hold the only reference.
+            Storage::Owned(chunks) => unsafe { std::slice::from_raw_parts_mut(chunks.as_mut_ptr().cast::<u8>(), self.len) },
+            Storage::Growing(map) => &mut map[..self.len],
+            Storage::Mapped { .. } => unreachable!("mapped buffers are never written"),
+        }
+    }
+
+    /// Where ggml reads the data. ggml only reads inputs (a mapped file is read-only besides).
+    pub(super) fn ptr(&self) -> *mut std::ffi::c_void {
+        self.bytes().as_ptr() as *mut std::ffi::c_void
+    }
+}
