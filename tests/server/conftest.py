@@ -30,9 +30,11 @@ def edgechat(home, *args, check=True):
 class Server:
     """`edgechat serve` on a free port; stopped at the end of the test (or module)."""
 
-    def __init__(self, home, *args):
+    def __init__(self, home, *args, log=None):
         env = {**os.environ, "EDGECHAT_HOME": str(home)}
         env.pop("EDGECHAT_LOG", None)
+        if log:
+            env["EDGECHAT_LOG"] = log
         self.process = subprocess.Popen([str(BIN), "serve", "--port", "0", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.stderr = []
         threading.Thread(target=lambda: self.stderr.extend(self.process.stderr), daemon=True).start()
@@ -70,8 +72,8 @@ def start(tiny_home):
     """Starts a server with extra flags, stopped after the test."""
     started = []
 
-    def start(*args, home=None):
-        s = Server(home or tiny_home, *args)
+    def start(*args, home=None, log=None):
+        s = Server(home or tiny_home, *args, log=log)
         started.append(s)
         return s
 
