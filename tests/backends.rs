@@ -61,6 +61,9 @@ fn cases<B: Backend>(be: &B) -> Results {
     case("concatenate with an empty part", be.concatenate(&[&x(36, &[2, 0]), &x(37, &[2, 3])], 1));
     case("concatenate on the sequence axis", be.concatenate(&[&x(14, &[1, 2, 5, 8]), &x(15, &[1, 2, 3, 8])], 2));
     case("concatenate on the last axis", be.concatenate(&[&a, &b], -1));
+    let half = |t: &B::Array, dtype| be.astype(t, dtype).unwrap();
+    case("concatenate float16 parts", be.concatenate(&[&half(&a, DType::F16), &half(&b, DType::F16)], 1));
+    case("concatenate bfloat16 with float32", be.concatenate(&[&half(&a, DType::BF16), &b], 0));
     let ids = be.from_i32(&[3, 0, 23, 7], &[1, 4]).unwrap();
     case("take rows (embedding lookup)", be.take(&w, &ids, 0));
     case("softmax over the last axis", be.softmax(&a, -1));
@@ -137,21 +140,53 @@ fn an_evaluated_graph_leaves_every_result_still_referenced_usable() {
 }
 
 /// The cpu backend appends to a cache in place when nothing else holds the old cache; the result must
+/// Joined parts of one float type keep it (a cache stored as f16 grows as f16), mixed ones give f32, as
+/// on MLX; attention reads f16 keys and values as they are, and bf16 ones as f32.
+#[test]
+fn concatenation_keeps_its_parts_float_type_and_attention_reads_it() {
+    fn check<B: Backend>(be: &B) -> Vec<f32> {
+        let x = |seed: u64, shape: &[i32]| be.from_f32(&values(shape.iter().product::<i32>() as usize, seed), shape).unwrap();
+        let (a, b) = (be.astype(&x(1, &[1, 2, 3, 8]), DType::F16).unwrap(), be.astype(&x(2, &[1, 2, 4, 8]), DType::F16).unwrap());
+        let joined = be.concatenate(&[&a, &b], 2).unwrap();
+        assert_eq!(be.dtype(&joined), DType::F16);
+        assert_eq!(be.dtype(&be.concatenate(&[&a, &x(3, &[1, 2, 4, 8])], 2).unwrap()), DType::F32);
+        let q = x(4, &[1, 4, 2, 8]);
+        let mut out = be.read_f32(&be.attention(&q, &joined, &joined, 0.35, Mask::Causal).unwrap()).unwrap();
+        let bf16 = be.astype(&joined, DType::BF16).unwrap();
+        out.extend(be.read_f32(&be.attention(&q, &bf16, &bf16, 0.35, Mask::None).unwrap()).unwrap());
+        out
+    }
+    let (cpu, mlx) = (check(&CpuBackend), check(&MlxBackend));
+    // ggml accumulates f16 values in f16 (as llama.cpp's f16 caches do): close, not identical.
+    let worst = cpu.iter().zip(&mlx).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    assert!(worst < 5e-3, "cpu and mlx differ by {worst}");
+}
+
 /// equal plain concatenation at every step, and an old cache someone still holds must never change.
 #[test]
 fn a_cache_appended_in_place_equals_concatenation_and_held_arrays_never_change() {
+    for dtype in [DType::F32, DType::F16] {
+        appended_in_place(dtype);
+    }
+}
+
+/// (Values are small integers: exact in f16 too.)
+fn appended_in_place(dtype: DType) {
     let be = CpuBackend;
-    let mut cache = be.from_f32(&[0.0; 4], &[1, 1, 1, 4]).unwrap();
+    let mut cache = be.astype(&be.from_f32(&[0.0; 4], &[1, 1, 1, 4]).unwrap(), dtype).unwrap();
+    be.eval(&[&cache]).unwrap();
     let mut expected = vec![0.0f32; 4];
     let mut held = Vec::new();
     for step in 1..40 {
         let row: Vec<f32> = (0..4).map(|i| (step * 10 + i) as f32).collect();
-        let grown = be.concatenate(&[&cache, &be.from_f32(&row, &[1, 1, 1, 4]).unwrap()], 2).unwrap();
+        let row = be.astype(&be.from_f32(&row, &[1, 1, 1, 4]).unwrap(), dtype).unwrap();
+        let grown = be.concatenate(&[&cache, &row], 2).unwrap();
+        assert_eq!(be.dtype(&grown), dtype);
         if step % 7 == 0 {
             held.push((cache.clone(), expected.clone()));
         }
         cache = grown;
-        expected.extend(&row);
+        expected.extend((0..4).map(|i| (step * 10 + i) as f32));
         be.eval(&[&cache]).unwrap();
         assert_eq!(be.read_f32(&cache).unwrap(), expected, "step {step}");
     }

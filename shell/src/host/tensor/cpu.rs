@@ -433,7 +433,11 @@ impl Backend for CpuBackend {
         let shapes: Vec<Vec<i32>> = arrays.iter().map(|a| a.0.shape.clone()).collect();
         let shape = checks::concatenate(&shapes, axis)?;
         let at = checks::axis("concatenate", axis, shape.len())?;
-        Ok(Array::pending(shape, DType::F32, Op::Concat(at), arrays.iter().map(|&a| a.clone()).collect()))
+        // Parts of one float type stay in it (an f16 cache grows as f16); anything else joins as f32.
+        let first = arrays[0].0.dtype;
+        let kept = float(first) && arrays.iter().all(|a| a.0.dtype == first && a.0.blocks.is_none());
+        let dtype = if kept { first } else { DType::F32 };
+        Ok(Array::pending(shape, dtype, Op::Concat(at), arrays.iter().map(|&a| a.clone()).collect()))
     }
 
     fn take(&self, a: &Array, indices: &Array, axis: i32) -> OpResult<Array> {

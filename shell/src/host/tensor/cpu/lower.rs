@@ -407,6 +407,14 @@ impl Graph {
         }
     }
 
+    /// `t` if it is a float type (ggml's copies convert between those, and read any layout), else as f32:
+    /// what a copy into a float destination takes.
+    fn float(&mut self, t: T) -> OpResult<T> {
+        // SAFETY: t belongs to this context.
+        let kept = unsafe { matches!((*t).type_, g::GGML_TYPE_F32 | g::GGML_TYPE_F16 | g::GGML_TYPE_BF16) };
+        if kept { Ok(t) } else { self.act(t) }
+    }
+
     /// Block-quantized rows as f32: ggml's row gather dequantizes what it picks, and here it picks all.
     unsafe fn dequantize(&mut self, t: T) -> OpResult<T> {
         if !g::ggml_is_contiguous(t) {
@@ -502,14 +510,14 @@ impl Graph {
                     // Each part is copied into its place in one result: linear in the result's size, however
                     // many parts (a chain of pairwise joins would copy the growing prefix every time).
                     let dim = node.0.shape.len() - 1 - axis;
-                    let joined = g::ggml_new_tensor(ctx, g::GGML_TYPE_F32, 4, out.as_ptr());
+                    let joined = g::ggml_new_tensor(ctx, ggml_type(node.0.dtype), 4, out.as_ptr());
                     let nb = (*joined).nb;
                     let mut at = 0usize;
                     for (t, a) in x.iter().zip(inputs) {
                         if a.elements() == 0 {
                             continue;
                         }
-                        let part = self.act(*t)?;
+                        let part = self.float(*t)?;
                         let n = ne_of(part);
                         let place = g::ggml_view_4d(ctx, joined, n[0], n[1], n[2], n[3], nb[1], nb[2], nb[3], at * nb[dim]);
                         g::ggml_build_forward_expand(self.graph, g::ggml_cpy(ctx, part, place));

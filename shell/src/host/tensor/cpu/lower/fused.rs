@@ -14,30 +14,34 @@ impl Graph {
     pub(super) fn append(&mut self, op: &Op, inputs: &[Array], node: &Array, lowered: &HashMap<*const Node, T>) -> OpResult<Option<T>> {
         let Op::Concat(axis) = op else { return Ok(None) };
         let [old, new] = inputs else { return Ok(None) };
-        let f32s = [&node.0, &old.0].iter().all(|n| n.dtype == DType::F32 && n.blocks.is_none());
-        if !f32s || node.0.shape[..*axis].iter().any(|&d| d != 1) || Arc::strong_count(&old.0) != 1 || new.elements() == 0 {
+        let dtype = node.0.dtype;
+        let stored = matches!(dtype, DType::F32 | DType::F16) && old.0.dtype == dtype && old.0.blocks.is_none();
+        if !stored || node.0.shape[..*axis].iter().any(|&d| d != 1) || Arc::strong_count(&old.0) != 1 || new.elements() == 0 {
             return Ok(None);
         }
+        let ty = super::ggml_type(dtype);
+        // SAFETY: a plain type query.
+        let size = unsafe { g::ggml_type_size(ty) };
         let buffer = {
             let mut state = old.state();
             let State::Ready(buffer) = &mut *state else { return Ok(None) };
             let Some(data) = Arc::get_mut(buffer) else { return Ok(None) };
-            if !data.grow(node.elements() * 4) {
+            if !data.grow(node.elements() * size) {
                 return Ok(None);
             }
             buffer.clone()
         };
-        let old_bytes = old.elements() * 4;
         let new_t = match lowered.get(&Arc::as_ptr(&new.0)) {
             Some(&t) => t,
             None => self.leaf(new)?,
         };
-        let full = self.data(g::GGML_TYPE_F32, &ne(&node.0.shape)?, buffer.clone());
-        let new_t = self.act(new_t)?;
+        let full = self.data(ty, &ne(&node.0.shape)?, buffer.clone());
+        let new_t = self.float(new_t)?;
         // SAFETY: the tail view lies inside `full` (old bytes + new elements = the grown length); the copy
-        // is added to the graph before any op that reads `full`, and ggml runs nodes in order.
+        // is added to the graph before any op that reads `full`, and ggml runs nodes in order. ggml's copy
+        // reads `new_t` in its logical order whatever its strides, as the contract lays the new rows out.
         unsafe {
-            let tail = g::ggml_view_1d(self.ctx, full, new.elements() as i64, old_bytes);
+            let tail = g::ggml_view_1d(self.ctx, full, new.elements() as i64, old.elements() * size);
             g::ggml_build_forward_expand(self.graph, g::ggml_cpy(self.ctx, new_t, tail));
         }
         self.appended.insert(Arc::as_ptr(&node.0), buffer);
@@ -90,7 +94,11 @@ impl Graph {
     /// and broadcasts kv heads over query heads as grouped-query attention does.
     pub(super) unsafe fn attention(&mut self, x: &[T], scale: f32, mask: AttentionMask) -> OpResult<T> {
         let ctx = self.ctx;
-        let (q, k, v) = (self.act(x[0])?, self.act(x[1])?, self.act(x[2])?);
+        // f16 keys and values are read as stored (ggml's kernel takes them, as llama.cpp's caches are);
+        // anything else as f32.
+        let q = self.act(x[0])?;
+        let mut stored = |t: T| if (*t).type_ == g::GGML_TYPE_F16 { Ok(self.cont(t)) } else { self.act(t) };
+        let (k, v) = (stored(x[1])?, stored(x[2])?);
         let (lq, lk) = (ne_of(q)[1], ne_of(k)[1]);
         let visible = |f: &dyn Fn(i64, i64) -> bool| -> Vec<f32> {
             (0..lq).flat_map(|i| (0..lk).map(move |j| (i, j))).map(|(i, j)| if f(i, j) { 0.0 } else { f32::NEG_INFINITY }).collect()
