@@ -74,7 +74,7 @@ enum Op {
     Dequantize,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum AttentionMask {
     None,
     Causal,

@@ -222,6 +222,8 @@ struct Graph {
     leaves: HashMap<*const super::Node, T>,
     /// Appends computed in place (see [`Graph::append`]): the buffer each such node ends up holding.
     appended: HashMap<*const super::Node, Arc<Buffer>>,
+    /// The masks the shell built for attention, by kind and size: layers with the same window share one.
+    masks: HashMap<(super::AttentionMask, i64, i64), T>,
 }
 
 impl Drop for Graph {
@@ -256,7 +258,7 @@ impl Graph {
                 (runner.headers, false)
             };
             let graph = g::ggml_new_graph_custom(ctx, size, false);
-            Ok(Graph { ctx, owned, graph, held: Vec::new(), leaves: HashMap::default(), appended: HashMap::default() })
+            Ok(Graph { ctx, owned, graph, held: Vec::new(), leaves: HashMap::default(), appended: HashMap::default(), masks: HashMap::default() })
         }
     }
 

@@ -103,8 +103,10 @@ impl Graph {
         let visible = |f: &dyn Fn(i64, i64) -> bool| -> Vec<f32> {
             (0..lq).flat_map(|i| (0..lk).map(move |j| (i, j))).map(|(i, j)| if f(i, j) { 0.0 } else { f32::NEG_INFINITY }).collect()
         };
+        let key = (mask, lq, lk);
         let mask = match mask {
             AttentionMask::None => std::ptr::null_mut(),
+            _ if self.masks.contains_key(&key) => self.masks[&key],
             AttentionMask::Causal => self.f16_leaf(&visible(&|i, j| j <= lk - lq + i), [lk, lq, 1, 1]),
             AttentionMask::SlidingWindow { window, query_offset, key_offset } => {
                 let sees = |i: i64, j: i64| {
@@ -124,6 +126,9 @@ impl Graph {
                 return Ok(g::ggml_mul_mat(ctx, v_t, probabilities));
             }
         };
+        if !mask.is_null() {
+            self.masks.insert(key, mask);
+        }
         let fused = g::ggml_flash_attn_ext(ctx, q, k, v, mask, scale, 0.0, 0.0);
         // ggml's result is [d, heads, queries, batch]; the contract's is [batch, heads, queries, d].
         Ok(g::ggml_permute(ctx, fused, 0, 2, 1, 3))
