@@ -156,6 +156,27 @@ fn cache_on_and_off_agree() {
     }
 }
 
+/// Token by token far past what a bounded history keeps (Gemma's window of 8 plus the trim slack, and
+/// LFM2's conv state), where histories are cut back every `COMPACT_STEP` tokens: every step's logits
+/// equal those of the whole sequence computed at once.
+#[test]
+fn decoding_past_the_kept_history_matches_the_whole_sequence() {
+    for (adapter, name) in [("gemma", "tiny-gemma3"), ("leap", "tiny-lfm2")] {
+        let mut model = load(adapter, name);
+        let vocab = model.vocab as usize;
+        let ids: Vec<u32> = (0..420).map(|i| (i * 37 % 997 + 3) as u32).collect();
+        let fresh = model.new_cache().unwrap();
+        let whole = model.forward(&ids, &fresh, true).unwrap();
+        let cache = model.new_cache().unwrap();
+        model.forward(&ids[..200], &cache, false).unwrap();
+        for (i, &id) in ids.iter().enumerate().skip(200) {
+            let step = model.forward(&[id], &cache, false).unwrap();
+            let diff = max_abs_diff(&step, &whole[i * vocab..(i + 1) * vocab]);
+            assert!(diff < TOLERANCE, "{name}: position {i} differs by {diff}");
+        }
+    }
+}
+
 /// An MLX-quantized checkpoint (tests/fixtures/tiny/make_quantized.py) computes what its dequantized
 /// dense twin computes: weights, scales and biases are grouped and applied as mlx-lm wrote them.
 #[test]

@@ -104,6 +104,9 @@ impl Embedding {
 /// conversation can still be resumed after trimming this many tokens.
 pub const TRIM_SLACK: u32 = 256;
 
+/// How far a bounded history may run past what it keeps before it is cut back (see [`History::compact`]).
+pub const COMPACT_STEP: u32 = 64;
+
 /// The recent history of one per-position tensor (keys, values, conv inputs) along `axis`.
 /// It covers positions `start..end`; with `keep = Some(n)` only the last n are retained.
 pub struct History {
@@ -149,11 +152,14 @@ impl History {
         Ok(())
     }
 
-    /// Drops positions beyond what a bounded history keeps.
+    /// Drops positions beyond what a bounded history keeps, [`COMPACT_STEP`] at a time: a compacted
+    /// history is a slice, which the next append must copy whole, where a history appended to as it
+    /// is grows in place. (Compacting every token copied each sliding layer's ~770 kept positions per
+    /// token: decode past Gemma 3's window ran 18 % slower.)
     pub fn compact(&mut self) -> R<()> {
         let held = self.end - self.start;
         if let (Some(keep), Some(data)) = (self.keep, &self.data) {
-            if held > keep {
+            if held > keep + COMPACT_STEP {
                 let dropped = held - keep;
                 self.data = Some(slice_axis(data, self.axis, dropped, held)?);
                 self.start += dropped;

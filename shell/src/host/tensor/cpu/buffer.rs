@@ -59,6 +59,15 @@ impl Buffer {
         Buffer { storage: Storage::Owned(storage), len }
     }
 
+    /// Zeroed bytes in an anonymous mapping of their own, for data that will likely grow (a cache joined
+    /// from parts): its first growth remaps instead of moving it out of the heap.
+    pub(super) fn growable(len: usize) -> Buffer {
+        match memmap2::MmapMut::map_anon(len.max(1)) {
+            Ok(map) => Buffer { storage: Storage::Growing(map), len },
+            Err(_) => Buffer::zeroed(len),
+        }
+    }
+
     /// Extends the bytes to `len` (zeros after the old end); false for a mapped checkpoint. The first
     /// growth moves them into an anonymous mapping with room to double, later ones remap it (Linux moves
     /// the pages, copying nothing): a cache appended to every token neither copies its history nor leaves

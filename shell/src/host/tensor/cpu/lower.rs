@@ -26,6 +26,20 @@ const REUSED_CONTEXT_TENSORS: usize = 1 << 16;
 /// A graph larger than this is refused rather than planned (a forward pass has a few thousand nodes).
 const MAX_PENDING: usize = 1 << 20;
 
+/// Why a computed node's data outlives its graph.
+#[derive(Clone, Copy, PartialEq)]
+enum Kept {
+    No,
+    /// Asked for (evaluated or read back).
+    Result,
+    /// Still held by the adapter: state such as a cache.
+    State,
+}
+
+/// Kept state at least this large gets a mapping of its own, which grows without copies (small state
+/// stays in the heap, where a mapping per token would cost page faults).
+const GROWABLE_STATE: usize = 64 << 10;
+
 /// The process-wide compute resources: one thread pool, one graph allocator, one work buffer, and one
 /// context for tensor headers, reset for each graph (a fresh one per token cost a mapping and page faults).
 struct Runner {
@@ -198,8 +212,12 @@ pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
         }
     }
     let is_root = |a: &Array| roots.iter().any(|r| Arc::ptr_eq(&r.0, &a.0));
-    let keep: Vec<bool> = (0..order.len())
-        .map(|i| is_root(&order[i]) || (!cheap_view[i] && Arc::strong_count(&order[i].0) > 1 + internal[i]))
+    let keep: Vec<Kept> = (0..order.len())
+        .map(|i| match is_root(&order[i]) {
+            true => Kept::Result,
+            false if !cheap_view[i] && Arc::strong_count(&order[i].0) > 1 + internal[i] => Kept::State,
+            false => Kept::No,
+        })
         .collect();
     let mut runner = runner().lock().unwrap_or_else(|e| e.into_inner());
     if edges > 4 * MAX_PENDING {
@@ -262,7 +280,7 @@ impl Graph {
         }
     }
 
-    fn run(&mut self, runner: &mut Runner, order: &[Array], keep: &[bool]) -> OpResult<()> {
+    fn run(&mut self, runner: &mut Runner, order: &[Array], keep: &[Kept]) -> OpResult<()> {
         let mut lowered: HashMap<*const super::Node, T> = HashMap::default();
         for node in order {
             if node.elements() == 0 {
@@ -299,9 +317,9 @@ impl Graph {
             lowered.insert(Arc::as_ptr(&node.0), t);
         }
         let mut outputs = Vec::new();
-        for (node, &wanted) in order.iter().zip(keep) {
+        for (node, &kept) in order.iter().zip(keep) {
             // (Empty results are data already.)
-            if let (true, Some(&t)) = (wanted, lowered.get(&Arc::as_ptr(&node.0))) {
+            if let (Kept::Result | Kept::State, Some(&t)) = (kept, lowered.get(&Arc::as_ptr(&node.0))) {
                 // SAFETY: graph construction over tensors of this context.
                 let out = unsafe { if g::ggml_is_contiguous(t) { t } else { g::ggml_cont(self.ctx, t) } };
                 // An op's result is written straight into the buffer that keeps it (no copy afterwards);
@@ -311,7 +329,11 @@ impl Graph {
                     g::ggml_set_output(out);
                     g::ggml_build_forward_expand(self.graph, out);
                     if (*out).view_src.is_null() && (*out).data.is_null() {
-                        let buffer = Buffer::zeroed(g::ggml_nbytes(out));
+                        // Larger state kept past the graph is a cache (a prompt's first chunk, or one cut
+                        // back to its window) that will grow in place: it starts where it can.
+                        let bytes = g::ggml_nbytes(out);
+                        let growable = kept == Kept::State && bytes >= GROWABLE_STATE;
+                        let buffer = if growable { Buffer::growable(bytes) } else { Buffer::zeroed(bytes) };
                         (*out).data = buffer.ptr();
                         own = Some(buffer);
                     }
