@@ -30,6 +30,11 @@ fn cases<B: Backend>(be: &B) -> Results {
     };
     let (a, b, w) = (x(1, &[2, 3, 16]), x(2, &[2, 3, 16]), x(3, &[24, 16]));
     case("matmul with a transposed weight", be.transpose(&w, &[1, 0]).and_then(|wt| be.matmul(&a, &wt)));
+    let wt = be.transpose(&x(40, &[3, 5]), &[1, 0]).unwrap();
+    case("a transposed matrix read by a product and by an elementwise op", be.matmul(&x(41, &[2, 3]), &be.transpose(&wt, &[1, 0]).unwrap()).and_then(|p| {
+        let sum = be.add(&wt, &x(42, &[5, 3]))?;
+        be.matmul(&p, &sum)
+    }));
     case("matmul of plain matrices", be.matmul(&x(4, &[5, 7]), &x(5, &[7, 3])));
     case("batched matmul broadcasting the left side", be.matmul(&x(6, &[5, 7]), &x(7, &[2, 7, 3])));
     case("add", be.add(&a, &b));
