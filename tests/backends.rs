@@ -157,6 +157,8 @@ fn concatenation_keeps_its_parts_float_type_and_attention_reads_it() {
         assert_eq!(be.dtype(&be.concatenate(&[&a, &x(3, &[1, 2, 4, 8])], 2).unwrap()), DType::F32);
         let q = x(4, &[1, 4, 2, 8]);
         let mut out = be.read_f32(&be.attention(&q, &joined, &joined, 0.35, Mask::Causal).unwrap()).unwrap();
+        let additive = x(5, &[2, 7]);
+        out.extend(be.read_f32(&be.attention(&q, &joined, &joined, 0.35, Mask::Explicit(&additive)).unwrap()).unwrap());
         let bf16 = be.astype(&joined, DType::BF16).unwrap();
         out.extend(be.read_f32(&be.attention(&q, &bf16, &bf16, 0.35, Mask::None).unwrap()).unwrap());
         out
