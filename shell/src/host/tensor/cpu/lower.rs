@@ -1,18 +1,22 @@
 //! Evaluation on ggml: the pending part of our graph becomes one ggml graph, computed on a process-wide
 //! thread pool with memory planned by ggml's graph allocator (intermediates share one reusable buffer).
 //!
-//! ggml numbers dimensions from the innermost (`ne[0]` is numpy's last axis) and has at most four; the
-//! helpers here translate. Every ggml kernel aborts on inputs it does not support, so each op is lowered
-//! to kernels with the operand types and layouts they take: activations f32 and contiguous, only a
-//! matrix product's weight operand kept in its stored type.
+//! ggml numbers dimensions from the innermost (`ne[0]` is numpy's last axis) and has at most four;
+//! `types.rs` translates. Every ggml kernel aborts on inputs it does not support, so each op is lowered
+//! to kernels with the operand types and layouts they take: activations f32 and contiguous; a matrix
+//! product's weight, attention's f16 keys and values, and the float parts a copy converts are read as stored.
 
 use super::{Array, Buffer, Op, State};
-use crate::host::tensor::{DType, OpResult};
+use crate::host::tensor::OpResult;
 use llama_cpp_sys_2 as g;
 use rustc_hash::FxHashMap as HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 mod fused;
+mod types;
+
+pub(super) use types::{block_size, row_size, to_f32, Q4_1, TYPE_COUNT};
+use types::{ggml_type, ne, ne_of, quantized};
 
 type T = *mut g::ggml_tensor;
 
@@ -88,71 +92,6 @@ unsafe extern "C" fn log(level: g::ggml_log_level, text: *const std::ffi::c_char
 pub fn threads() -> i32 {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     std::env::var("EDGECHAT_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(cores).clamp(1, 256) as i32
-}
-
-fn ggml_type(d: DType) -> g::ggml_type {
-    match d {
-        DType::F32 => g::GGML_TYPE_F32,
-        DType::F16 => g::GGML_TYPE_F16,
-        DType::BF16 => g::GGML_TYPE_BF16,
-        DType::I32 | DType::U32 => g::GGML_TYPE_I32,
-        DType::U8 => g::GGML_TYPE_I8,
-    }
-}
-
-/// numpy shape -> ggml ne (innermost first), refusing ranks ggml cannot hold.
-fn ne(shape: &[i32]) -> OpResult<[i64; 4]> {
-    if shape.len() > 4 {
-        return Err(format!("the cpu backend holds at most 4 dimensions, not {} ({shape:?})", shape.len()));
-    }
-    let mut ne = [1i64; 4];
-    for (i, &d) in shape.iter().rev().enumerate() {
-        ne[i] = d as i64;
-    }
-    Ok(ne)
-}
-
-/// ggml's number of types: ids at or above it are not types.
-pub(super) const TYPE_COUNT: u32 = g::GGML_TYPE_COUNT;
-/// The block format MLX affine 4-bit weights become (see `affine.rs`).
-pub(super) const Q4_1: u32 = g::GGML_TYPE_Q4_1;
-
-/// Elements per block of a ggml type. Safe for ids below [`TYPE_COUNT`].
-pub(super) unsafe fn block_size(ty: u32) -> i64 {
-    unsafe { g::ggml_blck_size(ty) }
-}
-
-/// Bytes of a row of `n` elements (whole blocks) of a ggml type.
-pub(super) unsafe fn row_size(ty: u32, n: i64) -> usize {
-    unsafe { g::ggml_row_size(ty, n) }
-}
-
-pub(super) fn to_f32(ty: u32, bytes: &[u8], elements: usize) -> Vec<f32> {
-    let mut out = vec![0f32; elements];
-    // SAFETY: the type id is below GGML_TYPE_COUNT and has a dequantizer (checked); the caller guarantees
-    // `bytes` holds `elements` values of it in whole blocks, and `out` has room for them.
-    unsafe {
-        assert!(ty < TYPE_COUNT, "ggml type {ty}");
-        let traits = g::ggml_get_type_traits(ty);
-        let size = g::ggml_row_size(ty, elements as i64);
-        assert_eq!(size, bytes.len(), "{elements} values of ggml type {ty} are {size} bytes");
-        match (*traits).to_float {
-            Some(to_float) => to_float(bytes.as_ptr().cast(), out.as_mut_ptr(), elements as i64),
-            None if ty == g::GGML_TYPE_F32 => out.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
-            None => panic!("ggml type {ty} has no dequantizer"),
-        }
-    }
-    out
-}
-
-fn quantized(t: T) -> bool {
-    // SAFETY: t is a live tensor; the type is one ggml created it with.
-    unsafe { g::ggml_is_quantized((*t).type_) }
-}
-
-fn ne_of(t: T) -> [i64; 4] {
-    // SAFETY: t is a live tensor of the current context.
-    unsafe { (*t).ne }
 }
 
 /// Pending nodes reachable from `roots`, inputs before the nodes that use them.

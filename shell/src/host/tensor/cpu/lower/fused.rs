@@ -1,7 +1,7 @@
 //! The lowerings that are more than one ggml call: caches appended in place, GELU as one exact node,
 //! rope through strides, attention as ggml's fused kernel with the shell's masks.
 
-use super::{ne, ne_of, Graph, HashMap, T};
+use super::{ggml_type, ne, ne_of, Graph, HashMap, T};
 use crate::host::tensor::cpu::{Array, AttentionMask, Buffer, Node, Op, State};
 use crate::host::tensor::{DType, OpResult, Rope};
 use llama_cpp_sys_2 as g;
@@ -19,7 +19,7 @@ impl Graph {
         if !stored || node.0.shape[..*axis].iter().any(|&d| d != 1) || Arc::strong_count(&old.0) != 1 || new.elements() == 0 {
             return Ok(None);
         }
-        let ty = super::ggml_type(dtype);
+        let ty = ggml_type(dtype);
         // SAFETY: a plain type query.
         let size = unsafe { g::ggml_type_size(ty) };
         let buffer = {
@@ -107,6 +107,7 @@ impl Graph {
         let mask = match mask {
             AttentionMask::None => std::ptr::null_mut(),
             _ if self.masks.contains_key(&key) => self.masks[&key],
+            // (Built here once per graph, then shared through `masks` below.)
             AttentionMask::Causal => self.f16_leaf(&visible(&|i, j| j <= lk - lq + i), [lk, lq, 1, 1]),
             AttentionMask::SlidingWindow { window, query_offset, key_offset } => {
                 let sees = |i: i64, j: i64| {
@@ -127,7 +128,7 @@ impl Graph {
             }
         };
         if !mask.is_null() {
-            self.masks.insert(key, mask);
+            self.masks.entry(key).or_insert(mask);
         }
         let fused = g::ggml_flash_attn_ext(ctx, q, k, v, mask, scale, 0.0, 0.0);
         // ggml's result is [d, heads, queries, batch]; the contract's is [batch, heads, queries, d].
@@ -141,7 +142,7 @@ impl Graph {
 /// below 2e-7), times 2^k built in the exponent bits. Above 88 it is +inf and below -87.3 zero (e^t is
 /// then beyond f32's normal range), and NaN stays NaN.
 #[inline(always)]
-pub(super) fn exp(t: f32) -> f32 {
+fn exp(t: f32) -> f32 {
     let clamped = t.clamp(-87.3, 88.0);
     // Round to nearest by adding and subtracting 1.5 * 2^23 (|k| < 2^22: exact, and it vectorizes).
     let k = (clamped * std::f32::consts::LOG2_E + 12_582_912.0) - 12_582_912.0;
