@@ -98,3 +98,17 @@ fn caches_dropped_by_the_shell_are_released_in_the_adapter() {
         assert_eq!(live(&model), settled, "{adapter}: handles still live after 21 caches were dropped");
     }
 }
+
+/// `run` and `bench` load one model: the other adapters' code and memory are released before the weights
+/// load (each is ~6 MiB of the peak RSS), and they stay listed.
+#[test]
+fn a_single_model_run_keeps_only_its_adapter_loaded() {
+    let dirs = [common::workspace().join("target/adapters")];
+    let mut registry = edgechat::registry::Registry::from_dirs(&common::host_with(Default::default()), &dirs);
+    let listed = registry.listed.len();
+    assert!(registry.adapters.len() >= 2, "both built-in adapters load");
+    assert_eq!(registry.keep_only_for_architecture("gemma3").unwrap().name(), "gemma");
+    assert_eq!(registry.adapters.iter().map(|a| a.name()).collect::<Vec<_>>(), ["gemma"]);
+    assert_eq!(registry.listed.len(), listed);
+    assert!(registry.for_architecture("lfm2").is_err(), "the leap adapter was released");
+}

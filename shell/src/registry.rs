@@ -205,6 +205,15 @@ impl Registry {
         }
     }
 
+    /// The adapter for `architecture`, releasing every other loaded one (its compiled code and memory
+    /// image, ~6 MiB of the peak RSS each): for a process that runs one model (`run`, `bench`). `chat` and
+    /// `serve` keep them all, since they may switch models. What was found stays listed.
+    pub fn keep_only_for_architecture(&mut self, architecture: &str) -> Result<&Adapter> {
+        let name = self.for_architecture(architecture)?.name().to_owned();
+        self.adapters.retain(|a| a.name() == name);
+        self.get(&name)
+    }
+
     fn names(&self) -> String {
         if self.adapters.is_empty() {
             return "no adapters found: run `cargo xtask adapters`".into();

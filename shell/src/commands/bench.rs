@@ -25,13 +25,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if args.prompt_tokens == 0 || args.gen_tokens < 2 || args.runs == 0 {
         bail!("need --prompt-tokens >= 1, --gen-tokens >= 2 and --runs >= 1");
     }
-    let shell = Shell::open()?;
+    let mut shell = Shell::open()?;
     let files = models::resolve(&shell, &args.model)?;
     let precision = files.precision(args.dtype)?;
     let started = Instant::now();
     // Token ids are made up here, so the tokenizer is not loaded: the peak RSS is the engine's and the
     // weights'. (Gemma 3's 262k-entry tokenizer.json adds ~150 MB to `run` and `chat`.)
-    let adapter = shell.registry.for_architecture(&files.architecture)?;
+    let adapter = shell.registry.keep_only_for_architecture(&files.architecture)?;
     let mut model = crate::engine::Model::load(adapter, files.open(precision)?)?;
     let load_time = started.elapsed();
     // A deterministic prompt of ordinary (non-special) token ids.

@@ -76,11 +76,11 @@ pub fn run(args: RunArgs) -> Result<()> {
     if args.prompt.is_none() && args.input_ids.is_none() && std::io::stdin().is_terminal() {
         return super::chat::run(super::chat::ChatArgs { model: Some(args.model.clone()), resume: None, system: args.system.clone() }, args.settings());
     }
-    let shell = Shell::open()?;
+    let mut shell = Shell::open()?;
     let files = models::resolve(&shell, &args.model)?;
     let precision = files.precision(args.dtype)?;
     let loaded = Instant::now();
-    let (mut model, tokenizer) = load(&shell, &files, precision)?;
+    let (mut model, tokenizer) = load(&mut shell, &files, precision)?;
     tracing::info!("loaded {} at {precision:?} in {:.2}s", args.model, loaded.elapsed().as_secs_f64());
     let _ = ctrlc::set_handler(|| {
         if GENERATING.load(Ordering::SeqCst) {
@@ -114,8 +114,9 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
 }
 
-pub fn load(shell: &Shell, files: &ModelFiles, precision: Precision) -> Result<(Model, Option<Tokenizer>)> {
-    let adapter = shell.registry.for_architecture(&files.architecture)?;
+/// The model and its tokenizer, with only its adapter kept loaded.
+pub fn load(shell: &mut Shell, files: &ModelFiles, precision: Precision) -> Result<(Model, Option<Tokenizer>)> {
+    let adapter = shell.registry.keep_only_for_architecture(&files.architecture)?;
     let model = Model::load(adapter, files.open(precision)?)?;
     Ok((model, files.tokenizer()?))
 }
