@@ -23,6 +23,11 @@ enum Storage {
 /// prefill's results in the heap; without this their old copies stayed resident as holes in it.
 static HEAP_HOLES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// Notes that memory left the heap (see [`release_heap_holes`]).
+pub(super) fn heap_hole_left() {
+    HEAP_HOLES.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Returns the heap's free pages to the system if buffers left it since the last call.
 pub(super) fn release_heap_holes() {
     if HEAP_HOLES.swap(false, std::sync::atomic::Ordering::Relaxed) {
@@ -97,7 +102,7 @@ impl Buffer {
         let Ok(mut fresh) = memmap2::MmapMut::map_anon(room) else { return false };
         fresh[..self.len].copy_from_slice(self.bytes());
         if let Storage::Owned(_) = std::mem::replace(&mut self.storage, Storage::Growing(fresh)) {
-            HEAP_HOLES.store(true, std::sync::atomic::Ordering::Relaxed);
+            heap_hole_left();
         }
         self.len = len;
         true
