@@ -13,9 +13,10 @@ use wasmtime::component::{Resource, ResourceAny};
 const MAX_VOCAB: u32 = 4 << 20;
 
 /// The most tokens computed as one graph: activations and masks grow with it. Gemma 3 270M on 2 threads,
-/// 512-token prompt: 128, 256 and 512 prefill at 285, 295 and 292 tokens/s (alternating runs) with peak
-/// RSS 313, 328 and 360 MiB; a 2048-token prompt in one graph peaked at 643 MiB.
-pub const PREFILL_CHUNK: usize = 256;
+/// 512-token prompt, alternating binaries (docs/benchmarks.md): chunks of 128 prefill at 302-321 tokens/s
+/// against 290-295 for 256, with peak RSS 302 against 318 MiB; a 2048-token prompt in one graph peaked
+/// at 643 MiB.
+pub const PREFILL_CHUNK: usize = 128;
 
 pub struct Model {
     session: Session,
