@@ -205,6 +205,25 @@ pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
     result
 }
 
+/// The tensor whose memory `t` is: the source of a view that is all of it in the same order (a reshape
+/// of a contiguous result), else `t` itself.
+///
+/// # Safety
+/// `t` is a tensor of a live context.
+unsafe fn whole_source(t: T) -> T {
+    // SAFETY: per the contract above; a view's source belongs to the same context.
+    unsafe {
+        let source = (*t).view_src;
+        let whole = !source.is_null()
+            && (*t).view_offs == 0
+            && (*source).type_ == (*t).type_
+            && g::ggml_nbytes(source) == g::ggml_nbytes(t)
+            && g::ggml_is_contiguous(source)
+            && g::ggml_is_contiguous(t);
+        if whole { source } else { t }
+    }
+}
+
 /// One ggml graph, its tensor headers in the runner's context or (a very large graph) its own.
 struct Graph {
     ctx: *mut g::ggml_context,
@@ -298,19 +317,21 @@ impl Graph {
             if let (Kept::Result | Kept::State, Some(&t)) = (kept, lowered.get(&Arc::as_ptr(&node.0))) {
                 // SAFETY: graph construction over tensors of this context.
                 let out = unsafe { if g::ggml_is_contiguous(t) { t } else { g::ggml_cont(self.ctx, t) } };
-                // An op's result is written straight into the buffer that keeps it (no copy afterwards);
-                // a view of data already held is copied out.
+                // An op's result is written straight into the buffer that keeps it (no copy afterwards),
+                // also through a reshape (the logits of every step are one); a view of data already held
+                // is copied out.
                 let mut own = None;
                 unsafe {
                     g::ggml_set_output(out);
                     g::ggml_build_forward_expand(self.graph, out);
-                    if (*out).view_src.is_null() && (*out).data.is_null() {
+                    let memory = whole_source(out);
+                    if (*memory).view_src.is_null() && (*memory).data.is_null() {
                         // Larger state kept past the graph is a cache (a prompt's first chunk, or one cut
                         // back to its window) that will grow in place: it starts where it can.
-                        let bytes = g::ggml_nbytes(out);
+                        let bytes = g::ggml_nbytes(memory);
                         let growable = kept == Kept::State && bytes >= GROWABLE_STATE;
                         let buffer = if growable { Buffer::growable(bytes) } else { Buffer::zeroed(bytes) };
-                        (*out).data = buffer.ptr();
+                        (*memory).data = buffer.ptr();
                         own = Some(buffer);
                     }
                 }
