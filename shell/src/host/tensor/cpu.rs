@@ -185,10 +185,8 @@ fn convert(bytes: &[u8], from: DType, to: DType) -> Buffer {
 
 /// Little-endian f32 bytes as values.
 fn f32_values(bytes: &[u8]) -> Vec<f32> {
-    let mut values = vec![0f32; bytes.len() / 4];
-    for (value, chunk) in values.iter_mut().zip(bytes.chunks_exact(4)) {
-        *value = f32::from_le_bytes(chunk.try_into().expect("4 bytes"));
-    }
+    let mut values = Vec::with_capacity(bytes.len() / 4);
+    values.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))));
     values
 }
 
