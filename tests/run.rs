@@ -114,3 +114,23 @@ fn bad_run_input_is_a_clear_error() {
     let out = edgechat(home.path(), &["run", dir, "--input-ids", "1", "--dtype", "f64"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `bench --json`: speeds, the boundary's share, and peak RSS beside the weight bytes it is judged against.
+#[test]
+fn bench_reports_its_figures_and_the_weight_bytes_as_stored() {
+    let home = tempfile::tempdir().unwrap();
+    let dir = common::fixture("tiny/tiny-gemma3");
+    let out = edgechat(home.path(), &["bench", dir.to_str().unwrap(), "--prompt-tokens", "8", "--gen-tokens", "4", "--runs", "1", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(text(&out.stdout).trim()).unwrap();
+    for key in ["prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes", "boundary_share"] {
+        assert!(report[key].as_f64().unwrap() > 0.0, "{key}: {report}");
+    }
+    // A safetensors file is 8 length bytes, the JSON header, then the tensors' bytes.
+    let file = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let header = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let weights = report["weight_bytes"].as_u64().unwrap();
+    assert_eq!(weights as usize, file.len() - 8 - header);
+    let ratio = report["peak_rss_per_weight_byte"].as_f64().unwrap();
+    assert!((ratio - report["peak_rss_bytes"].as_f64().unwrap() / weights as f64).abs() < 1e-3 * ratio, "{report}");
+}

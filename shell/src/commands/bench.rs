@@ -32,7 +32,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     // Token ids are made up here, so the tokenizer is not loaded: the peak RSS is the engine's and the
     // weights'. (Gemma 3's 262k-entry tokenizer.json adds ~150 MB to `run` and `chat`.)
     let adapter = shell.registry.keep_only_for_architecture(&files.architecture)?;
-    let mut model = crate::engine::Model::load(adapter, files.open(precision)?)?;
+    let checkpoint = files.open(precision)?;
+    let weight_bytes = checkpoint.checkpoint.stored_bytes();
+    let mut model = crate::engine::Model::load(adapter, checkpoint)?;
     let load_time = started.elapsed();
     // A deterministic prompt of ordinary (non-special) token ids.
     let span = model.vocab.saturating_sub(1000).max(1);
@@ -59,6 +61,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         build.push(built.as_secs_f64() / decode_time.as_secs_f64());
     }
     let (prefill, decode, build) = (median(prefill), median(decode), median(build));
+    let peak = peak_rss_bytes();
     if args.json {
         println!(
             "{}",
@@ -68,7 +71,8 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 "dtype": format!("{precision:?}").to_lowercase(), "load_seconds": load_time.as_secs_f64(),
                 "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
                 "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
-                "boundary_share": build, "peak_rss_bytes": peak_rss_bytes(),
+                "boundary_share": build, "peak_rss_bytes": peak, "weight_bytes": weight_bytes,
+                "peak_rss_per_weight_byte": peak as f64 / weight_bytes.max(1) as f64,
             })
         );
         return Ok(());
@@ -78,7 +82,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     println!("prefill          {prefill:.1} tokens/s  ({} tokens, median of {})", args.prompt_tokens, args.runs);
     println!("decode           {decode:.2} tokens/s  ({} tokens, median of {})", args.gen_tokens, args.runs);
     println!("graph building   {:.1}% of decode time (adapter + host calls; an upper bound on the WASM boundary's cost)", build * 100.0);
-    println!("peak RSS         {}", human_bytes(peak_rss_bytes()));
+    println!(
+        "peak RSS         {} ({:.2}x the weights' {} as stored)",
+        human_bytes(peak),
+        peak as f64 / weight_bytes.max(1) as f64,
+        human_bytes(weight_bytes)
+    );
     Ok(())
 }
 

@@ -324,6 +324,11 @@ impl Checkpoint for GgufCheckpoint {
         self.tensors.keys().cloned().collect()
     }
 
+    fn stored_bytes(&self) -> u64 {
+        let spans = self.tensors.values().filter_map(|t| t.span(GgmlType::from_id(t.type_id)?, self.data_start).ok());
+        spans.map(|(_, len)| len as u64).sum()
+    }
+
     fn get(&self, backend: &ActiveBackend, name: &str) -> Result<Loaded, String> {
         let (values, shape) = self.dequantize(name)?;
         let shape: Vec<i32> = shape.iter().map(|&d| d as i32).collect(); // each <= MAX_DIM, checked at open

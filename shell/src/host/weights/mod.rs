@@ -20,6 +20,8 @@ pub trait Checkpoint: Send {
     fn format(&self) -> CheckpointFormat;
     fn config(&self) -> String;
     fn names(&self) -> Vec<String>;
+    /// The tensors' bytes as stored (what the memory goal measures against: no headers).
+    fn stored_bytes(&self) -> u64;
     /// Reads one tensor. Errors name the file and the tensor.
     fn get(&self, backend: &ActiveBackend, name: &str) -> Result<Loaded, String>;
     /// A block-quantized tensor kept in its stored format, when the format has blocks and the backend

@@ -105,6 +105,10 @@ impl Checkpoint for SafetensorsCheckpoint {
         self.tensors.keys().filter(|n| !n.ends_with(".scales") && !n.ends_with(".biases")).cloned().collect()
     }
 
+    fn stored_bytes(&self) -> u64 {
+        self.tensors.values().map(|(_, info)| info.data_offsets.1.saturating_sub(info.data_offsets.0) as u64).sum()
+    }
+
     fn get(&self, backend: &ActiveBackend, name: &str) -> Result<Loaded, String> {
         let stem = name.strip_suffix(".weight");
         let companions = stem.map(|s| (format!("{s}.scales"), format!("{s}.biases")));
