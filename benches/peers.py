@@ -108,7 +108,7 @@ def main():
     if not gguf.exists():
         sys.exit(f"{gguf} not found: import the model first (cargo xtask demo-model)")
 
-    rows = []
+    rows, weights = [], None
     # edgechat's decode follows its 512-token prompt, so llama.cpp's generation is measured at that depth
     # too (llama-bench's plain tg128 starts from an empty context).
     common = [llama_bench, "-m", gguf, "-t", str(threads), "-r", str(RUNS), "-o", "json"]
@@ -121,15 +121,19 @@ def main():
     # The cpu backend multiplies the GGUF's blocks as stored (auto); MLX runs them dequantized to f32.
     for backend, dtype, engine in (("cpu", "auto", "cranelift"), ("cpu", "auto", "pulley"), ("mlx", "f32", "cranelift")):
         result, rss = edgechat_bench(edgechat, model, backend, dtype, threads, engine)
+        # The tensors' bytes as stored (the file less its header: 235 MiB of Gemma 3's 241), as llama-bench's
+        # "size" column counts them too.
+        weights = weights or result.get("weight_bytes")
         label = f"edgechat {backend} ({result['dtype']}, adapter on {engine})"
         rows.append((label, result["prefill_tokens_per_s"], result["decode_tokens_per_s"], result.get("peak_rss_bytes") or rss,
                      result["boundary_share"]))
 
-    weights = gguf.stat().st_size
+    size = gguf.stat().st_size
+    weights = weights or size
     base_pp, base_tg = rows[0][1], rows[0][2]
-    print(f"\n{model} ({gguf.name}, {weights / 1e6:.0f} MB), {threads} threads, {PROMPT} prompt tokens, then {GEN} generated, "
+    print(f"\n{model} ({gguf.name}, {size / 2**20:.1f} MiB, weights {weights / 2**20:.1f} MiB), {threads} threads, {PROMPT} prompt tokens, then {GEN} generated, "
           f"{RUNS} runs, {time.strftime('%Y-%m-%d')}\n")
-    print("| engine | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp | peak RSS | RSS / GGUF bytes | graph building share of decode |")
+    print("| engine | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp | peak RSS | RSS / weight bytes | graph building share of decode |")
     print("|---|---|---|---|---|---|---|---|")
     for label, pp, tg, rss, share in rows:
         rss_text = f"{rss / 2**20:.0f} MiB" if rss else "n/a"
