@@ -132,11 +132,12 @@ pub fn slice(shape: &[i32], start: &[i32], stop: &[i32]) -> Check<()> {
     Ok(())
 }
 
-pub fn concatenate(shapes: &[Vec<i32>], axis_: i32) -> Check<Vec<i32>> {
-    let first = shapes.first().ok_or("concatenate: no arrays")?;
+pub fn concatenate<S: AsRef<[i32]>>(shapes: &[S], axis_: i32) -> Check<Vec<i32>> {
+    let first = shapes.first().ok_or("concatenate: no arrays")?.as_ref();
     let at = axis("concatenate", axis_, first.len())?;
     let mut total: i64 = 0;
     for s in shapes {
+        let s = s.as_ref();
         if s.len() != first.len() || s.iter().zip(first).enumerate().any(|(i, (x, y))| i != at && x != y) {
             return Err(format!("concatenate: shapes {first:?} and {s:?} differ off axis {axis_}"));
         }
@@ -145,7 +146,7 @@ pub fn concatenate(shapes: &[Vec<i32>], axis_: i32) -> Check<Vec<i32>> {
     if total > MAX_DIM {
         return Err(format!("concatenate: axis {axis_} would have {total} entries"));
     }
-    let mut shape = first.clone();
+    let mut shape = first.to_vec();
     shape[at] = total as i32;
     elements(&shape)?;
     Ok(shape)

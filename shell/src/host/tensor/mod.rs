@@ -226,8 +226,9 @@ impl HostState {
         Ok(&self.table.get(h)?.array)
     }
 
-    fn shape_of(&self, h: &Handle) -> wasmtime::Result<Vec<i32>> {
-        Ok(self.table.get(h)?.shape.clone())
+    /// The shape the checks consult (borrowed: an op reads several per call).
+    fn shape_of(&self, h: &Handle) -> wasmtime::Result<&[i32]> {
+        Ok(&self.table.get(h)?.shape)
     }
 
     fn dtype_of(&self, h: &Handle) -> wasmtime::Result<DType> {
@@ -280,7 +281,7 @@ impl HostState {
 
     /// An op whose result has the shape and dtype of its input.
     fn unary(&mut self, op: &str, a: Handle, f: impl FnOnce(&ActiveBackend, &BackendArray) -> OpResult<BackendArray>) -> Outcome<Handle> {
-        check!(self.charge_shape(op, &self.shape_of(&a)?, self.dtype_of(&a)?)?);
+        check!(self.charge_shape(op, self.shape_of(&a)?, self.dtype_of(&a)?)?);
         let result = f(&self.tensors.backend, self.array(&a)?);
         self.adopt(result)
     }
@@ -293,7 +294,7 @@ impl HostState {
         b: Handle,
         f: impl FnOnce(&ActiveBackend, &BackendArray, &BackendArray) -> OpResult<BackendArray>,
     ) -> Outcome<Handle> {
-        let shape = check!(checks::broadcast(op, &self.shape_of(&a)?, &self.shape_of(&b)?));
+        let shape = check!(checks::broadcast(op, self.shape_of(&a)?, self.shape_of(&b)?));
         let dtype = wider(self.dtype_of(&a)?, self.dtype_of(&b)?);
         check!(self.charge_shape(op, &shape, dtype)?);
         let result = f(&self.tensors.backend, self.array(&a)?, self.array(&b)?);
@@ -301,7 +302,7 @@ impl HostState {
     }
 
     fn quantized_operands(&self, w: &Handle, scales: &Handle, biases: &Handle, group_size: u32, bits: u32) -> wasmtime::Result<Result<i64, String>> {
-        Ok(checks::quantized(&self.shape_of(w)?, self.dtype_of(w)?, &self.shape_of(scales)?, &self.shape_of(biases)?, group_size, bits))
+        Ok(checks::quantized(self.shape_of(w)?, self.dtype_of(w)?, self.shape_of(scales)?, self.shape_of(biases)?, group_size, bits))
     }
 }
 
@@ -327,7 +328,7 @@ impl wit::HostArray for HostState {
     }
 
     fn shape(&mut self, a: Handle) -> wasmtime::Result<Vec<u32>> {
-        Ok(self.shape_of(&a)?.into_iter().map(|d| d.max(0) as u32).collect())
+        Ok(self.shape_of(&a)?.iter().map(|&d| d.max(0) as u32).collect())
     }
 
     fn dtype(&mut self, a: Handle) -> wasmtime::Result<wit::Dtype> {
@@ -344,7 +345,7 @@ impl wit::HostArray for HostState {
 
 impl wit::Host for HostState {
     fn matmul(&mut self, a: Handle, b: Handle) -> Outcome<Handle> {
-        let shape = check!(checks::matmul(&self.shape_of(&a)?, &self.shape_of(&b)?));
+        let shape = check!(checks::matmul(self.shape_of(&a)?, self.shape_of(&b)?));
         check!(self.charge_shape("matmul", &shape, wider(self.dtype_of(&a)?, self.dtype_of(&b)?))?);
         let result = self.tensors.backend.matmul(self.array(&a)?, self.array(&b)?);
         self.adopt(result)
@@ -359,7 +360,7 @@ impl wit::Host for HostState {
         if xs.last().map(|&d| d as i64) != Some(k) || ws.len() != 2 {
             return Ok(Err(format!("quantized-matmul: x {xs:?} does not fit a {} weight {ws:?}", if transpose { "transposed" } else { "plain" })));
         }
-        let mut out = xs.clone();
+        let mut out = xs.to_vec();
         *out.last_mut().expect("rank >= 1") = check!(i32::try_from(n).map_err(|_| "quantized-matmul: result too wide".to_owned()));
         check!(self.charge_shape("quantized-matmul", &out, self.dtype_of(&x)?)?);
         let be = &self.tensors.backend;
@@ -369,7 +370,7 @@ impl wit::Host for HostState {
 
     fn dequantize(&mut self, w: Handle, scales: Handle, biases: Handle, group_size: u32, bits: u32) -> Outcome<Handle> {
         let columns = check!(self.quantized_operands(&w, &scales, &biases, group_size, bits)?);
-        let mut out = self.shape_of(&w)?;
+        let mut out = self.shape_of(&w)?.to_vec();
         *out.last_mut().expect("rank >= 2") = check!(i32::try_from(columns).map_err(|_| "dequantize: result too wide".to_owned()));
         check!(self.charge_shape("dequantize", &out, self.dtype_of(&scales)?)?);
         let be = &self.tensors.backend;
@@ -419,32 +420,32 @@ impl wit::Host for HostState {
 
     fn astype(&mut self, a: Handle, dtype: wit::Dtype) -> Outcome<Handle> {
         let dtype = check!(to_dtype(dtype));
-        check!(self.charge_shape("astype", &self.shape_of(&a)?, dtype)?);
+        check!(self.charge_shape("astype", self.shape_of(&a)?, dtype)?);
         let result = self.tensors.backend.astype(self.array(&a)?, dtype);
         self.adopt(result)
     }
 
     fn reshape(&mut self, a: Handle, shape: Vec<i32>) -> Outcome<Handle> {
-        let shape = check!(checks::reshape(&self.shape_of(&a)?, &shape));
+        let shape = check!(checks::reshape(self.shape_of(&a)?, &shape));
         let result = self.tensors.backend.reshape(self.array(&a)?, &shape);
         self.adopt(result)
     }
 
     fn transpose(&mut self, a: Handle, axes: Vec<u32>) -> Outcome<Handle> {
-        check!(checks::transpose(&self.shape_of(&a)?, &axes));
+        check!(checks::transpose(self.shape_of(&a)?, &axes));
         let axes: Vec<i32> = axes.into_iter().map(|x| x as i32).collect();
         self.unary("transpose", a, |be, a| be.transpose(a, &axes))
     }
 
     fn slice(&mut self, a: Handle, start: Vec<i32>, stop: Vec<i32>) -> Outcome<Handle> {
-        check!(checks::slice(&self.shape_of(&a)?, &start, &stop));
+        check!(checks::slice(self.shape_of(&a)?, &start, &stop));
         self.unary("slice", a, |be, a| be.slice(a, &start, &stop))
     }
 
     fn slice_update(&mut self, a: Handle, update: Handle, start: Vec<i32>, stop: Vec<i32>) -> Outcome<Handle> {
         let shape = self.shape_of(&a)?;
-        check!(checks::slice(&shape, &start, &stop));
-        check!(self.charge_shape("slice-update", &shape, self.dtype_of(&a)?)?);
+        check!(checks::slice(shape, &start, &stop));
+        check!(self.charge_shape("slice-update", shape, self.dtype_of(&a)?)?);
         let result = self.tensors.backend.slice_update(self.array(&a)?, self.array(&update)?, &start, &stop);
         self.adopt(result)
     }
@@ -461,7 +462,7 @@ impl wit::Host for HostState {
 
     fn take(&mut self, a: Handle, indices: Handle, axis: i32) -> Outcome<Handle> {
         let a_shape = self.shape_of(&a)?;
-        let (shape, at) = check!(checks::take(&a_shape, &self.shape_of(&indices)?, self.dtype_of(&indices)?, axis));
+        let (shape, at) = check!(checks::take(a_shape, self.shape_of(&indices)?, self.dtype_of(&indices)?, axis));
         check!(self.charge_shape("take", &shape, self.dtype_of(&a)?)?);
         // MLX's CPU gather reads whatever an index points at: every index must lie inside the axis.
         let rows = a_shape[at] as i64;
@@ -485,14 +486,14 @@ impl wit::Host for HostState {
     }
 
     fn rms_norm(&mut self, x: Handle, weight: Handle, eps: f32) -> Outcome<Handle> {
-        check!(checks::rms_norm(&self.shape_of(&x)?, &self.shape_of(&weight)?));
-        check!(self.charge_shape("rms-norm", &self.shape_of(&x)?, wider(self.dtype_of(&x)?, self.dtype_of(&weight)?))?);
+        check!(checks::rms_norm(self.shape_of(&x)?, self.shape_of(&weight)?));
+        check!(self.charge_shape("rms-norm", self.shape_of(&x)?, wider(self.dtype_of(&x)?, self.dtype_of(&weight)?))?);
         let result = self.tensors.backend.rms_norm(self.array(&x)?, self.array(&weight)?, eps);
         self.adopt(result)
     }
 
     fn rope(&mut self, x: Handle, p: wit::RopeParams) -> Outcome<Handle> {
-        check!(checks::rope(&self.shape_of(&x)?, p.dims));
+        check!(checks::rope(self.shape_of(&x)?, p.dims));
         let offset = check!(i32::try_from(p.offset).map_err(|_| format!("rope: offset {} is too large", p.offset)));
         let params = Rope { dims: p.dims as i32, traditional: p.traditional, base: p.base, scale: p.scale, offset };
         self.unary("rope", x, |be, x| be.rope(x, params))
@@ -504,7 +505,7 @@ impl wit::Host for HostState {
             wit::Mask::Explicit(m) => Some(self.shape_of(m)?),
             _ => None,
         };
-        let (out, scores) = check!(checks::attention(&qs, &ks, &self.shape_of(&v)?, explicit.as_deref()));
+        let (out, scores) = check!(checks::attention(qs, ks, self.shape_of(&v)?, explicit));
         // The scores (and, for a sliding window, the mask the shell builds) exist while the op runs.
         self.charge("attention scores", scores.saturating_mul(2))?;
         check!(self.charge_shape("attention", &out, self.dtype_of(&q)?)?);
@@ -522,7 +523,7 @@ impl wit::Host for HostState {
     }
 
     fn conv1d_depthwise(&mut self, x: Handle, weight: Handle) -> Outcome<Handle> {
-        let out = check!(checks::conv1d_depthwise(&self.shape_of(&x)?, &self.shape_of(&weight)?));
+        let out = check!(checks::conv1d_depthwise(self.shape_of(&x)?, self.shape_of(&weight)?));
         check!(self.charge_shape("conv1d-depthwise", &out, wider(self.dtype_of(&x)?, self.dtype_of(&weight)?))?);
         let result = self.tensors.backend.conv1d_depthwise(self.array(&x)?, self.array(&weight)?);
         self.adopt(result)
@@ -536,7 +537,7 @@ impl wit::Host for HostState {
 
     fn read_f32(&mut self, a: Handle) -> Outcome<Vec<f32>> {
         self.check_deadline()?;
-        let elements = check!(checks::elements(&self.shape_of(&a)?));
+        let elements = check!(checks::elements(self.shape_of(&a)?));
         if elements > MAX_READ_ELEMENTS as u64 {
             return Ok(Err(format!("read-f32 of {elements} elements refused (limit {MAX_READ_ELEMENTS})")));
         }

@@ -145,16 +145,14 @@ fn pending_order(roots: &[&Array]) -> OpResult<Vec<Array>> {
         if seen.contains_key(&key) {
             continue;
         }
-        let inputs = match &*node.state() {
-            State::Ready(_) => continue,
-            State::Pending(_, inputs) => inputs.clone(),
-        };
+        let state = node.state();
+        let State::Pending(_, inputs) = &*state else { continue };
         seen.insert(key, true);
         if seen.len() > MAX_PENDING {
             return Err(format!("a graph of more than {MAX_PENDING} pending operations is refused"));
         }
-        stack.push((node, true));
-        stack.extend(inputs.into_iter().filter(|i| !seen.contains_key(&Arc::as_ptr(&i.0))).map(|i| (i, false)));
+        stack.push((node.clone(), true));
+        stack.extend(inputs.iter().filter(|i| !seen.contains_key(&Arc::as_ptr(&i.0))).map(|i| (i.clone(), false)));
     }
     Ok(order)
 }
