@@ -42,7 +42,7 @@ impl Graph {
         // reads `new_t` in its logical order whatever its strides, as the contract lays the new rows out.
         unsafe {
             let tail = g::ggml_view_1d(self.ctx, full, new.elements() as i64, old.elements() * size);
-            g::ggml_build_forward_expand(self.graph, g::ggml_cpy(self.ctx, new_t, tail));
+            self.expand(g::ggml_cpy(self.ctx, new_t, tail));
         }
         self.appended.insert(Arc::as_ptr(&node.0), buffer);
         Ok(Some(full))
