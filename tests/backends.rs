@@ -35,6 +35,11 @@ fn cases<B: Backend>(be: &B) -> Results {
         let sum = be.add(&wt, &x(42, &[5, 3]))?;
         be.matmul(&p, &sum)
     }));
+    let wt = be.transpose(&x(43, &[4, 6]), &[1, 0]).unwrap();
+    case("a transposed weight read by its product and by a join", be.matmul(&x(44, &[2, 6]), &wt).and_then(|p| {
+        let joined = be.concatenate(&[&wt, &x(45, &[1, 4])], 0)?;
+        be.matmul(&p, &be.transpose(&joined, &[1, 0])?)
+    }));
     case("matmul of plain matrices", be.matmul(&x(4, &[5, 7]), &x(5, &[7, 3])));
     case("batched matmul broadcasting the left side", be.matmul(&x(6, &[5, 7]), &x(7, &[2, 7, 3])));
     case("add", be.add(&a, &b));

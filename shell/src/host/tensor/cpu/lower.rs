@@ -203,6 +203,14 @@ pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
     result
 }
 
+/// The matrix of `transpose(w, [1, 0])` when `w` is data (a stored weight): a product reads it as stored.
+fn stored_transpose(op: &Op, inputs: &[Array]) -> Option<Array> {
+    match (op, inputs) {
+        (Op::Transpose(axes), [w]) if axes[..] == [1, 0] && w.buffer().is_some() => Some(w.clone()),
+        _ => None,
+    }
+}
+
 /// The tensor whose memory `t` is: the source of a view that is all of it in the same order (a reshape
 /// of a contiguous result), else `t` itself.
 ///
@@ -277,7 +285,10 @@ impl Graph {
 
     fn run(&mut self, runner: &mut Runner, order: &[Array], keep: &[Kept]) -> OpResult<()> {
         let mut lowered: HashMap<*const super::Node, T> = HashMap::default();
-        for node in order {
+        // A linear layer's transposed weight (`x @ w.T`, 127 per Gemma 3 decode step) is read by its
+        // product as stored; its view is only made if something else reads it.
+        let mut deferred: HashMap<*const super::Node, ()> = HashMap::default();
+        for (node, &kept) in order.iter().zip(keep) {
             if node.elements() == 0 {
                 // Nothing to compute (ggml's kernels assume at least one element): an empty result.
                 *node.state() = State::Ready(Arc::new(Buffer::zeroed(0)));
@@ -286,13 +297,27 @@ impl Graph {
             let t = {
                 let state = node.state();
                 let State::Pending(op, inputs) = &*state else { continue };
+                if kept == Kept::No && stored_transpose(op, inputs).is_some() {
+                    deferred.insert(Arc::as_ptr(&node.0), ());
+                    continue;
+                }
+                // A product reads a deferred weight as stored (see `matmul`); any other reader gets its view.
+                let as_stored = |i: usize| matches!(op, Op::MatMul) && i == 1;
+                for (i, input) in inputs.iter().enumerate() {
+                    let key = Arc::as_ptr(&input.0);
+                    if !as_stored(i) && deferred.contains_key(&key) && !lowered.contains_key(&key) {
+                        let t = self.transposed_leaf(input)?;
+                        lowered.insert(key, t);
+                    }
+                }
                 if let Some(t) = self.append(op, inputs, node, &lowered)? {
                     t
                 } else {
                 let mut args = Vec::with_capacity(inputs.len());
-                for input in inputs {
+                for (i, input) in inputs.iter().enumerate() {
                     args.push(match lowered.get(&Arc::as_ptr(&input.0)) {
                         Some(&t) => t,
+                        None if as_stored(i) && deferred.contains_key(&Arc::as_ptr(&input.0)) => std::ptr::null_mut(),
                         None => self.leaf(input)?,
                     });
                 }
@@ -605,11 +630,11 @@ impl Graph {
     unsafe fn matmul(&mut self, x: &[T], inputs: &[Array], out: [i64; 4]) -> OpResult<T> {
         let ctx = self.ctx;
         let stored = match &*inputs[1].state() {
-            State::Pending(Op::Transpose(axes), src) if axes[..] == [1, 0] => Some(src[0].clone()),
-            _ => None,
+            State::Pending(op, src) => stored_transpose(op, src),
+            State::Ready(_) => None,
         };
         let weight = match stored {
-            Some(w) if w.buffer().is_some() => self.leaf(&w)?,
+            Some(w) => self.leaf(&w)?,
             _ => {
                 let b = self.act(x[1])?;
                 g::ggml_cont(ctx, g::ggml_permute(ctx, b, 1, 0, 2, 3))
@@ -623,6 +648,17 @@ impl Graph {
         let k = ne_of(a)[0];
         let a = self.repeat(a, [k, out[1], out[2], out[3]]);
         Ok(g::ggml_mul_mat(ctx, weight, a))
+    }
+
+    /// A deferred transposed weight's view, for a reader other than its product.
+    fn transposed_leaf(&mut self, a: &Array) -> OpResult<T> {
+        let source = match &*a.state() {
+            State::Pending(op, inputs) => stored_transpose(op, inputs),
+            State::Ready(_) => None,
+        };
+        let source = source.ok_or("the cpu backend lost a deferred transpose")?;
+        let leaf = self.leaf(&source)?;
+        Ok(self.transpose(leaf, &[1, 0]))
     }
 
     /// An elementwise op with numpy broadcasting: ggml repeats the second operand only.
