@@ -194,7 +194,7 @@ impl Backend for ActiveBackend {
         dispatch!(self, |be| Ok(be.from_blocks(ggml_type, map, range, shape)?.map(AnyArray::Cpu)), Ok(be.from_blocks(ggml_type, map, range, shape)?.map(AnyArray::Mlx)))
     }
 
-    fn shape(&self, a: &AnyArray) -> Vec<i32> {
+    fn shape<'a>(&self, a: &'a AnyArray) -> &'a [i32] {
         match a {
             AnyArray::Cpu(x) => CpuBackend.shape(x),
             AnyArray::Mlx(x) => MlxBackend.shape(x),

@@ -312,8 +312,8 @@ impl Backend for CpuBackend {
         Ok(Some(Array(Arc::new(node))))
     }
 
-    fn shape(&self, a: &Array) -> Vec<i32> {
-        a.0.shape.clone()
+    fn shape<'a>(&self, a: &'a Array) -> &'a [i32] {
+        &a.0.shape
     }
 
     fn blocks(&self, a: &Array) -> Option<u32> {

@@ -94,8 +94,8 @@ impl Backend for MlxBackend {
         Ok(None)
     }
 
-    fn shape(&self, a: &Array) -> Vec<i32> {
-        a.shape().to_vec()
+    fn shape<'a>(&self, a: &'a Array) -> &'a [i32] {
+        a.shape()
     }
 
     fn blocks(&self, _: &Array) -> Option<u32> {

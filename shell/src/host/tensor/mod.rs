@@ -87,7 +87,7 @@ pub trait Backend {
     /// An array over ggml block-quantized rows (`ggml_type` as GGUF numbers it) at `range` of a mapped
     /// file, computing as the f32 values the blocks encode; None when the backend cannot multiply blocks.
     fn from_blocks(&self, ggml_type: u32, map: &Arc<Mmap>, range: Range<usize>, shape: &[i32]) -> OpResult<Option<Self::Array>>;
-    fn shape(&self, a: &Self::Array) -> Vec<i32>;
+    fn shape<'a>(&self, a: &'a Self::Array) -> &'a [i32];
     /// The ggml block format `a` is stored in, if it is block-quantized data.
     fn blocks(&self, a: &Self::Array) -> Option<u32>;
     fn dtype(&self, a: &Self::Array) -> DType;
@@ -132,11 +132,10 @@ pub trait Backend {
 /// Largest read-back: results, not weights, cross the boundary.
 pub const MAX_READ_ELEMENTS: usize = 16 << 20;
 
-/// A live array handle, with its shape and dtype (read from the backend once, when it is adopted: the
-/// checks consult them on every op) and the bytes it was charged.
+/// A live array handle, with its dtype (read from the backend once, when it is adopted: the checks
+/// consult it on every op; the shape is the array's own) and the bytes it was charged.
 pub struct TensorHandle {
     pub array: BackendArray,
-    shape: Vec<i32>,
     dtype: DType,
     bytes: u64,
     /// Smallest and largest value, when the host saw them (`from-i32`): a gather need not evaluate them.
@@ -228,7 +227,7 @@ impl HostState {
 
     /// The shape the checks consult (borrowed: an op reads several per call).
     fn shape_of(&self, h: &Handle) -> wasmtime::Result<&[i32]> {
-        Ok(&self.table.get(h)?.shape)
+        Ok(self.tensors.backend.shape(&self.table.get(h)?.array))
     }
 
     fn dtype_of(&self, h: &Handle) -> wasmtime::Result<DType> {
@@ -263,8 +262,8 @@ impl HostState {
     pub(crate) fn adopt(&mut self, result: OpResult<BackendArray>) -> Outcome<Handle> {
         let array = check!(result);
         let t = &mut self.tensors;
-        let (shape, dtype, blocks) = (t.backend.shape(&array), t.backend.dtype(&array), t.backend.blocks(&array));
-        let bytes = match checks::bytes(&shape, dtype) {
+        let (dtype, blocks) = (t.backend.dtype(&array), t.backend.blocks(&array));
+        let bytes = match checks::bytes(t.backend.shape(&array), dtype) {
             Ok(b) => b,
             Err(e) => wasmtime::bail!("adapter produced an array the host cannot hold: {e}"),
         };
@@ -276,7 +275,7 @@ impl HostState {
         t.live_handles += 1;
         t.live_bytes += bytes;
         t.peak_bytes = t.peak_bytes.max(t.live_bytes);
-        Ok(Ok(self.table.push(TensorHandle { array, shape, dtype, bytes, known_range: None, blocks })?))
+        Ok(Ok(self.table.push(TensorHandle { array, dtype, bytes, known_range: None, blocks })?))
     }
 
     /// An op whose result has the shape and dtype of its input.
@@ -558,7 +557,7 @@ mod tests {
         let map = Arc::new(map.make_read_only().unwrap());
         let backend = ActiveBackend::of(BackendKind::Cpu);
         let array = backend.from_blocks(8, &map, 0..68, &[2, 32]).unwrap().expect("the cpu backend keeps blocks");
-        let handle = TensorHandle { blocks: backend.blocks(&array), shape: vec![2, 32], dtype: backend.dtype(&array), bytes: 0, known_range: None, array };
+        let handle = TensorHandle { blocks: backend.blocks(&array), dtype: backend.dtype(&array), bytes: 0, known_range: None, array };
         assert_eq!(handle.contract_dtype(), wit::Dtype::Q80);
         assert_eq!(handle.dtype, DType::F32);
         assert_eq!(backend.read_f32(&handle.array).unwrap(), vec![0.0; 64]);
