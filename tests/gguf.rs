@@ -168,3 +168,19 @@ proptest::proptest! {
         }
     }
 }
+
+/// A header whose data would start past the end of the file (no tensors, a 1 MiB alignment) opens: the
+/// header pages handed back after parsing are clamped to the file's mapping (`whole_pages_before`, unit
+/// tested in `gguf.rs`; madvise checks no bounds and past the mapping would drop a neighbour's pages).
+#[test]
+fn a_data_start_past_the_end_of_the_file_opens() {
+    let mut g = Gguf::new(0, 1);
+    g.str("general.alignment").u32(4).u32(1 << 20); // type 4: u32
+    g.0.resize(3 * 4096 + 100, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("far.gguf");
+    std::fs::write(&path, &g.0).unwrap();
+    let checkpoint = GgufCheckpoint::open(&path).unwrap();
+    assert!(edgechat::host::weights::Checkpoint::names(&checkpoint).is_empty());
+    assert_eq!(edgechat::host::weights::Checkpoint::stored_bytes(&checkpoint), 0);
+}

@@ -183,6 +183,13 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// The bytes of the whole pages before `end` that lie inside a mapping of `len` bytes. A file's data
+/// start is where its header says, which may lie past the end of the file (a header with no tensors and
+/// a large alignment).
+fn whole_pages_before(end: usize, len: usize, page: usize) -> usize {
+    end.min(len) / page * page
+}
+
 impl GgufCheckpoint {
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
@@ -193,9 +200,11 @@ impl GgufCheckpoint {
         // just now; its pages are handed back, so what stays resident of the file is the weights.
         // SAFETY: sysconf only reads a system constant.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0).max(1);
-        let header_pages = data_start / page * page;
+        let header_pages = whole_pages_before(data_start, map.len(), page);
         if header_pages > 0 {
-            // SAFETY: a read-only shared file mapping: dropped pages are read from the file again if touched.
+            // SAFETY: whole pages inside this read-only shared file mapping (madvise itself checks no
+            // bounds: past the mapping it would drop a neighbour's pages): dropped pages are read from
+            // the file again if touched.
             let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, 0, header_pages) };
         }
         Ok(GgufCheckpoint { path: path.to_owned(), map: std::sync::Arc::new(map), metadata, tensors, data_start })
@@ -326,7 +335,7 @@ impl Checkpoint for GgufCheckpoint {
 
     fn stored_bytes(&self) -> u64 {
         let spans = self.tensors.values().filter_map(|t| t.span(GgmlType::from_id(t.type_id)?, self.data_start).ok());
-        spans.map(|(_, len)| len as u64).sum()
+        spans.fold(0u64, |total, (_, len)| total.saturating_add(len as u64))
     }
 
     fn get(&self, backend: &ActiveBackend, name: &str) -> Result<Loaded, String> {
@@ -334,5 +343,18 @@ impl Checkpoint for GgufCheckpoint {
         let shape: Vec<i32> = shape.iter().map(|&d| d as i32).collect(); // each <= MAX_DIM, checked at open
         let array = backend.from_f32(&values, &shape).map_err(|e| format!("{}: tensor {name}: {e}", self.path.display()))?;
         Ok(Loaded::Dense(array))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::whole_pages_before;
+
+    #[test]
+    fn the_header_pages_handed_back_stay_inside_the_mapping() {
+        assert_eq!(whole_pages_before(10_000, 1 << 20, 4096), 8192);
+        assert_eq!(whole_pages_before(4095, 1 << 20, 4096), 0);
+        assert_eq!(whole_pages_before(1 << 20, 3 * 4096 + 100, 4096), 3 * 4096);
+        assert_eq!(whole_pages_before(usize::MAX, 5000, 4096), 4096);
     }
 }

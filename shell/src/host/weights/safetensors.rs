@@ -106,7 +106,7 @@ impl Checkpoint for SafetensorsCheckpoint {
     }
 
     fn stored_bytes(&self) -> u64 {
-        self.tensors.values().map(|(_, info)| info.data_offsets.1.saturating_sub(info.data_offsets.0) as u64).sum()
+        self.tensors.values().fold(0u64, |total, (_, info)| total.saturating_add(info.data_offsets.1.saturating_sub(info.data_offsets.0) as u64))
     }
 
     fn get(&self, backend: &ActiveBackend, name: &str) -> Result<Loaded, String> {
