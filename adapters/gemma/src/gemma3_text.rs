@@ -233,7 +233,7 @@ impl Gemma3 {
         let mut h = tensor::scale(&h, (c.hidden as f32).sqrt())?;
         for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let x = tensor::rms_norm(&h, &layer.input_norm, c.eps)?;
-            let attended = self.attention(layer, &x, kv, c.sliding[i], offset)?;
+            let attended = self.attention(layer, &x, kv, c.sliding[i], offset, tokens.len() as u32)?;
             let attended = tensor::rms_norm(&attended, &layer.post_attention_norm, c.eps)?;
             h = tensor::add(&h, &attended)?;
             let x = tensor::rms_norm(&h, &layer.pre_ffn_norm, c.eps)?;
@@ -243,7 +243,7 @@ impl Gemma3 {
             h = tensor::add(&h, &mlp)?;
         }
         if !all_positions {
-            h = nn::last_position(&h)?;
+            h = nn::last_position(&h, tokens.len() as u32)?;
         }
         let h = tensor::rms_norm(&h, &self.norm, c.eps)?;
         let mut logits = self.embed.as_linear(&h)?;
@@ -253,7 +253,7 @@ impl Gemma3 {
         nn::finish_logits(&logits)
     }
 
-    fn attention(&self, layer: &Layer, x: &Array, kv: &mut KvCache, sliding: bool, offset: u32) -> R<Array> {
+    fn attention(&self, layer: &Layer, x: &Array, kv: &mut KvCache, sliding: bool, offset: u32, t: u32) -> R<Array> {
         let c = &self.config;
         let q = nn::split_heads(&layer.q.forward(x)?, c.heads, c.head_dim)?;
         let k = nn::split_heads(&layer.k.forward(x)?, c.kv_heads, c.head_dim)?;
@@ -263,8 +263,8 @@ impl Gemma3 {
         let (base, scale) = if sliding { (c.rope_local_base, 1.0) } else { (c.rope_global_base, 1.0 / c.rope_global_factor) };
         let q = nn::rope(&q, c.head_dim, base, scale, offset)?;
         let k = nn::rope(&k, c.head_dim, base, scale, offset)?;
-        let out = kv.attend(&q, k, v, c.query_pre_attn_scalar.powf(-0.5))?;
-        layer.o.forward(&nn::merge_heads(&out)?)
+        let out = kv.attend(&q, k, v, t, c.query_pre_attn_scalar.powf(-0.5))?;
+        layer.o.forward(&nn::merge_heads(&out, c.heads, c.head_dim)?)
     }
 }
 

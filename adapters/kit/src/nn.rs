@@ -226,9 +226,9 @@ impl KvCache {
         self.values.trim(length)
     }
 
-    /// Attention of `q` [b, h, t, d] (already rotated) over the cached keys plus `k`, `v` (the new ones).
-    pub fn attend(&mut self, q: &Array, k: Array, v: Array, scale: f32) -> R<Array> {
-        let t = q.shape()[2];
+    /// Attention of `q` [1, h, t, d] (already rotated) over the cached keys plus `k`, `v` (the new ones:
+    /// `t` positions, which the caller knows; asking the host would be one more call per layer and token).
+    pub fn attend(&mut self, q: &Array, k: Array, v: Array, t: u32, scale: f32) -> R<Array> {
         let first = self.offset();
         self.keys.append(k, t)?;
         self.values.append(v, t)?;
@@ -253,18 +253,17 @@ pub fn rope(x: &Array, dims: u32, base: f32, scale: f32, offset: u32) -> R<Array
     tensor::rope(x, RopeParams { dims, traditional: false, base, scale, offset })
 }
 
-/// [b, t, heads * d] -> [b, heads, t, d].
+/// [1, t, heads * d] -> [1, heads, t, d]. The kit's models run one sequence, so the batch is 1 and the
+/// host infers t: no shape query (one host call per use, three per layer and token).
 pub fn split_heads(x: &Array, heads: u32, head_dim: u32) -> R<Array> {
-    let s = x.shape();
-    let x = tensor::reshape(x, &[s[0] as i32, s[1] as i32, heads as i32, head_dim as i32])?;
+    let x = tensor::reshape(x, &[1, -1, heads as i32, head_dim as i32])?;
     tensor::transpose(&x, &[0, 2, 1, 3])
 }
 
-/// [b, heads, t, d] -> [b, t, heads * d].
-pub fn merge_heads(x: &Array) -> R<Array> {
-    let s = x.shape();
+/// [1, heads, t, d] -> [1, t, heads * d].
+pub fn merge_heads(x: &Array, heads: u32, head_dim: u32) -> R<Array> {
     let x = tensor::transpose(x, &[0, 2, 1, 3])?;
-    tensor::reshape(&x, &[s[0] as i32, s[2] as i32, (s[1] * s[3]) as i32])
+    tensor::reshape(&x, &[1, -1, (heads * head_dim) as i32])
 }
 
 /// Token ids as an int32 [1, t] array.
@@ -274,9 +273,8 @@ pub fn token_ids(tokens: &[u32]) -> R<Array> {
 }
 
 /// Hidden states [1, t, hidden] -> those of the last position only [1, 1, hidden].
-pub fn last_position(h: &Array) -> R<Array> {
-    let t = h.shape()[1];
-    slice_axis(h, 1, t - 1, t)
+pub fn last_position(h: &Array, t: u32) -> R<Array> {
+    tensor::slice(h, &[0, t as i32 - 1], &[1, t as i32])
 }
 
 /// Logits [1, t, vocab] as f32 [t, vocab].

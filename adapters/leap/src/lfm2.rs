@@ -260,7 +260,8 @@ impl Lfm2 {
                     let v = nn::split_heads(&v.forward(&x)?, c.kv_heads, c.head_dim)?;
                     let q = nn::rope(&q, c.head_dim, c.rope_base, 1.0, offset)?;
                     let k = nn::rope(&k, c.head_dim, c.rope_base, 1.0, offset)?;
-                    out.forward(&nn::merge_heads(&kv.attend(&q, k, v, (c.head_dim as f32).powf(-0.5))?)?)?
+                    let attended = kv.attend(&q, k, v, tokens.len() as u32, (c.head_dim as f32).powf(-0.5))?;
+                    out.forward(&nn::merge_heads(&attended, c.heads, c.head_dim)?)?
                 }
                 _ => return Err("cache does not match the model's layers".into()),
             };
@@ -270,7 +271,7 @@ impl Lfm2 {
             h = tensor::add(&h, &layer.w2.forward(&gated)?)?;
         }
         if !all_positions {
-            h = nn::last_position(&h)?;
+            h = nn::last_position(&h, tokens.len() as u32)?;
         }
         let h = tensor::rms_norm(&h, &self.final_norm, c.eps)?;
         nn::finish_logits(&self.embed.as_linear(&h)?)
