@@ -184,13 +184,6 @@ fn convert(bytes: &[u8], from: DType, to: DType) -> Buffer {
     out
 }
 
-/// Little-endian f32 bytes as values.
-fn f32_values(bytes: &[u8]) -> Vec<f32> {
-    let mut values = Vec::with_capacity(bytes.len() / 4);
-    values.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))));
-    values
-}
-
 fn to_f64(bytes: &[u8], dtype: DType) -> Vec<f64> {
     let u16s = || bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
     let u32s = || bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
@@ -516,7 +509,7 @@ impl Backend for CpuBackend {
         let data = self.computed(a)?;
         Ok(match a.0.dtype {
             // The logits of every decode step (1 MB for Gemma 3): one copy, without a detour through f64.
-            DType::F32 => f32_values(data.bytes()),
+            DType::F32 => lower::f32_values(data.bytes()),
             other => to_f64(data.bytes(), other).into_iter().map(|v| v as f32).collect(),
         })
     }

@@ -9,13 +9,16 @@
 use super::{Array, Buffer, Op, State};
 use crate::host::tensor::OpResult;
 use llama_cpp_sys_2 as g;
-use rustc_hash::FxHashMap as HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
+use std::sync::Arc;
 
 mod fused;
+mod runner;
 mod types;
 
-pub(super) use types::{block_size, row_size, to_f32, Q4_1, TYPE_COUNT};
+use runner::{runner, Runner};
+pub(super) use runner::threads;
+pub(super) use types::{block_size, f32_values, row_size, to_f32, Q4_1, TYPE_COUNT};
 use types::{ggml_type, ne, ne_of, quantized};
 
 type T = *mut g::ggml_tensor;
@@ -24,9 +27,6 @@ type T = *mut g::ggml_tensor;
 /// about 20: its casts and copies, the mask, two products and a softmax). A full ggml graph aborts, so
 /// this errs high; it costs only tensor headers.
 const TENSORS_PER_OP: usize = 32;
-/// Graphs of up to this many tensor headers (a decode step or a prefill of some thousand tokens) use the
-/// runner's context; a larger one gets a context of its own, freed after it.
-const REUSED_CONTEXT_TENSORS: usize = 1 << 16;
 /// A graph larger than this is refused rather than planned (a forward pass has a few thousand nodes).
 const MAX_PENDING: usize = 1 << 20;
 
@@ -43,93 +43,6 @@ enum Kept {
 /// Kept state at least this large gets a mapping of its own, which grows without copies (small state
 /// stays in the heap, where a mapping per token would cost page faults).
 const GROWABLE_STATE: usize = 64 << 10;
-
-/// The process-wide compute resources: one thread pool, one graph allocator, one work buffer, and one
-/// context for tensor headers, reset for each graph (a fresh one per token cost a mapping and page faults).
-struct Runner {
-    pool: *mut g::ggml_threadpool,
-    threads: i32,
-    allocator: g::ggml_gallocr_t,
-    work: Vec<u64>,
-    /// Room for [`REUSED_CONTEXT_TENSORS`] tensor headers (null until first used).
-    headers: *mut g::ggml_context,
-}
-
-// SAFETY: the pool and allocator are only used under the runner's mutex.
-unsafe impl Send for Runner {}
-
-impl Runner {
-    /// ggml's allocator keeps the largest buffer any graph needed. A prompt's chunk needs one for hundreds
-    /// of rows (17 MB for Gemma 3 270M); the decode steps after it use a few of its pages, and the rest
-    /// would stay resident beside the growing caches. So when `graph` could not use half the buffer even
-    /// if nothing in it shared memory, the allocator starts over at this graph's size.
-    ///
-    /// # Safety
-    /// `graph` is a complete graph whose tensors belong to a live context.
-    unsafe fn fit_allocator(&mut self, graph: *mut g::ggml_cgraph) {
-        // SAFETY: per the contract above; the allocator is ours and nothing placed by it outlives a graph.
-        unsafe {
-            let held = g::ggml_gallocr_get_buffer_size(self.allocator, 0);
-            if held < SHRINK_ALLOCATOR_ABOVE {
-                return;
-            }
-            let mut needed = 0usize;
-            for i in 0..g::ggml_graph_n_nodes(graph) {
-                let t = g::ggml_graph_node(graph, i);
-                if (*t).view_src.is_null() && (*t).data.is_null() {
-                    needed = needed.saturating_add(g::ggml_nbytes(t));
-                }
-            }
-            if needed < held / 2 {
-                g::ggml_gallocr_free(self.allocator);
-                self.allocator = g::ggml_gallocr_new(g::ggml_backend_cpu_buffer_type());
-                super::buffer::heap_hole_left();
-            }
-        }
-    }
-}
-
-/// Allocator buffers smaller than this are kept whatever the graph (a decode step's is ~2 MB).
-const SHRINK_ALLOCATOR_ABOVE: usize = 4 << 20;
-
-fn runner() -> &'static Mutex<Runner> {
-    static RUNNER: OnceLock<Mutex<Runner>> = OnceLock::new();
-    RUNNER.get_or_init(|| Mutex::new(Runner::new(threads())))
-}
-
-impl Runner {
-    fn new(threads: i32) -> Runner {
-        // SAFETY: plain constructors; ggml_cpu_init fills ggml's conversion tables once.
-        unsafe {
-            g::ggml_cpu_init();
-            g::ggml_log_set(Some(log), std::ptr::null_mut());
-            let mut params = g::ggml_threadpool_params_default(threads);
-            let pool = g::ggml_threadpool_new(&mut params);
-            let allocator = g::ggml_gallocr_new(g::ggml_backend_cpu_buffer_type());
-            Runner { pool, threads, allocator, work: Vec::new(), headers: std::ptr::null_mut() }
-        }
-    }
-}
-
-/// ggml's own messages go to our log, not to the terminal.
-unsafe extern "C" fn log(level: g::ggml_log_level, text: *const std::ffi::c_char, _: *mut std::ffi::c_void) {
-    if text.is_null() {
-        return;
-    }
-    // SAFETY: ggml passes a NUL-terminated string.
-    let text = unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy();
-    match level {
-        g::GGML_LOG_LEVEL_ERROR => tracing::error!(target: "ggml", "{}", text.trim_end()),
-        g::GGML_LOG_LEVEL_WARN => tracing::warn!(target: "ggml", "{}", text.trim_end()),
-        _ => tracing::debug!(target: "ggml", "{}", text.trim_end()),
-    }
-}
-
-/// Compute threads: EDGECHAT_THREADS, else every core the process may use.
-pub fn threads() -> i32 {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    std::env::var("EDGECHAT_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(cores).clamp(1, 256) as i32
-}
 
 /// Pending nodes reachable from `roots`, inputs before the nodes that use them.
 fn pending_order(roots: &[&Array]) -> OpResult<Vec<Array>> {
@@ -261,23 +174,9 @@ impl Graph {
     /// n arrays becomes about 3n ggml tensors).
     fn new(runner: &mut Runner, pending: usize, edges: usize) -> OpResult<Graph> {
         let size = pending * TENSORS_PER_OP + edges * 4 + 64;
-        // SAFETY: sizes come from ggml's own overhead functions; no_alloc keeps data out of the context.
-        // A reset context is empty again; nothing of an earlier graph is used after its evaluation.
+        let (ctx, owned) = runner.context(size)?;
+        // SAFETY: the context has room for `size` tensors and a graph of them.
         unsafe {
-            let init = |tensors: usize| {
-                let mem = g::ggml_tensor_overhead() * tensors + g::ggml_graph_overhead_custom(tensors, false) + (1 << 16);
-                let ctx = g::ggml_init(g::ggml_init_params { mem_size: mem, mem_buffer: std::ptr::null_mut(), no_alloc: true });
-                if ctx.is_null() { Err("ggml could not allocate a graph context".to_owned()) } else { Ok(ctx) }
-            };
-            let (ctx, owned) = if size > REUSED_CONTEXT_TENSORS {
-                (init(size)?, true)
-            } else {
-                if runner.headers.is_null() {
-                    runner.headers = init(REUSED_CONTEXT_TENSORS)?;
-                }
-                g::ggml_reset(runner.headers);
-                (runner.headers, false)
-            };
             let graph = g::ggml_new_graph_custom(ctx, size, false);
             Ok(Graph { ctx, owned, graph, held: Vec::new(), leaves: HashMap::default(), appended: HashMap::default(), masks: HashMap::default(), unnamed: Vec::new() })
         }
@@ -287,7 +186,7 @@ impl Graph {
         let mut lowered: HashMap<*const super::Node, T> = HashMap::default();
         // A linear layer's transposed weight (`x @ w.T`, 127 per Gemma 3 decode step) is read by its
         // product as stored; its view is only made if something else reads it.
-        let mut deferred: HashMap<*const super::Node, ()> = HashMap::default();
+        let mut deferred: HashSet<*const super::Node> = HashSet::default();
         for (node, &kept) in order.iter().zip(keep) {
             if node.elements() == 0 {
                 // Nothing to compute (ggml's kernels assume at least one element): an empty result.
@@ -298,14 +197,14 @@ impl Graph {
                 let state = node.state();
                 let State::Pending(op, inputs) = &*state else { continue };
                 if kept == Kept::No && stored_transpose(op, inputs).is_some() {
-                    deferred.insert(Arc::as_ptr(&node.0), ());
+                    deferred.insert(Arc::as_ptr(&node.0));
                     continue;
                 }
                 // A product reads a deferred weight as stored (see `matmul`); any other reader gets its view.
                 let as_stored = |i: usize| matches!(op, Op::MatMul) && i == 1;
                 for (i, input) in inputs.iter().enumerate() {
                     let key = Arc::as_ptr(&input.0);
-                    if !as_stored(i) && deferred.contains_key(&key) && !lowered.contains_key(&key) {
+                    if !as_stored(i) && deferred.contains(&key) && !lowered.contains_key(&key) {
                         let t = self.transposed_leaf(input)?;
                         lowered.insert(key, t);
                     }
@@ -317,7 +216,7 @@ impl Graph {
                 for (i, input) in inputs.iter().enumerate() {
                     args.push(match lowered.get(&Arc::as_ptr(&input.0)) {
                         Some(&t) => t,
-                        None if as_stored(i) && deferred.contains_key(&Arc::as_ptr(&input.0)) => std::ptr::null_mut(),
+                        None if as_stored(i) && deferred.contains(&Arc::as_ptr(&input.0)) => std::ptr::null_mut(),
                         None => self.leaf(input)?,
                     });
                 }
@@ -375,7 +274,7 @@ impl Graph {
                 }
             }
         }
-        self.compute(runner)?;
+        runner.compute(self.graph)?;
         for (node, out, own) in outputs {
             // SAFETY: after compute, out's data holds ggml_nbytes(out) bytes.
             let bytes = unsafe { std::slice::from_raw_parts((*out).data as *const u8, g::ggml_nbytes(out)) };
@@ -388,27 +287,6 @@ impl Graph {
                 (None, None) => Arc::new(Buffer::from_bytes(bytes)),
             };
             *node.state() = State::Ready(buffer);
-        }
-        Ok(())
-    }
-
-    fn compute(&mut self, runner: &mut Runner) -> OpResult<()> {
-        // SAFETY: the graph is complete; the allocator places every intermediate; the work buffer is sized
-        // by ggml's plan and outlives the call.
-        unsafe {
-            runner.fit_allocator(self.graph);
-            if !g::ggml_gallocr_alloc_graph(runner.allocator, self.graph) {
-                return Err("ggml could not allocate memory for the graph".into());
-            }
-            let mut plan = g::ggml_graph_plan(self.graph, runner.threads, runner.pool);
-            if plan.work_size > runner.work.len() * 8 {
-                runner.work = vec![0u64; plan.work_size.div_ceil(8)];
-            }
-            plan.work_data = runner.work.as_mut_ptr().cast();
-            let status = g::ggml_graph_compute(self.graph, &mut plan);
-            if status != g::GGML_STATUS_SUCCESS {
-                return Err(format!("ggml failed to compute the graph (status {status})"));
-            }
         }
         Ok(())
     }
@@ -671,36 +549,5 @@ impl Graph {
         } else {
             f(self.ctx, self.repeat(a, out), b)
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::host::tensor::DType;
-
-    /// x * x + x over `rows` rows of 1024 ones, through `runner`: x * x is an intermediate the allocator places.
-    fn square_plus(runner: &mut Runner, rows: i32) -> Vec<f32> {
-        let shape = vec![rows, 1024];
-        let ones: Vec<u8> = (0..rows * 1024).flat_map(|_| 1f32.to_le_bytes()).collect();
-        let x = Array::ready(shape.clone(), DType::F32, Buffer::from_bytes(&ones));
-        let square = Array::pending(shape.clone(), DType::F32, Op::Multiply, vec![x.clone(), x.clone()]);
-        let sum = Array::pending(shape, DType::F32, Op::Add, vec![square.clone(), x]);
-        let order = [square, sum.clone()];
-        Graph::new(runner, order.len(), 4).unwrap().run(runner, &order, &[Kept::No, Kept::Result]).unwrap();
-        let bytes = sum.buffer().expect("computed");
-        bytes.bytes().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
-    }
-
-    #[test]
-    fn the_allocator_lets_go_of_a_prompt_sized_buffer_when_graphs_get_small() {
-        let mut runner = Runner::new(1);
-        // SAFETY: a size query on the runner's live allocator.
-        let held = |runner: &Runner| unsafe { g::ggml_gallocr_get_buffer_size(runner.allocator, 0) };
-        assert!(square_plus(&mut runner, 2048).iter().all(|&v| v == 2.0));
-        assert!(held(&runner) >= 8 << 20, "an 8 MiB intermediate was placed");
-        assert!(square_plus(&mut runner, 1).iter().all(|&v| v == 2.0));
-        assert!(held(&runner) < 1 << 20, "a one-row graph runs in a fresh, small buffer ({} bytes held)", held(&runner));
-        assert!(square_plus(&mut runner, 2048).iter().all(|&v| v == 2.0));
     }
 }

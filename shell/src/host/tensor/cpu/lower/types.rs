@@ -42,8 +42,14 @@ pub(in crate::host::tensor::cpu) unsafe fn row_size(ty: u32, n: i64) -> usize {
     unsafe { g::ggml_row_size(ty, n) }
 }
 
+/// Little-endian f32 bytes as values, in one pass (the logits of every decode step are read this way).
+pub(in crate::host::tensor::cpu) fn f32_values(bytes: &[u8]) -> Vec<f32> {
+    let mut values = Vec::with_capacity(bytes.len() / 4);
+    values.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))));
+    values
+}
+
 pub(in crate::host::tensor::cpu) fn to_f32(ty: u32, bytes: &[u8], elements: usize) -> Vec<f32> {
-    let mut out = vec![0f32; elements];
     // SAFETY: the type id is below GGML_TYPE_COUNT and has a dequantizer (checked); the caller guarantees
     // `bytes` holds `elements` values of it in whole blocks, and `out` has room for them.
     unsafe {
@@ -52,12 +58,15 @@ pub(in crate::host::tensor::cpu) fn to_f32(ty: u32, bytes: &[u8], elements: usiz
         let size = g::ggml_row_size(ty, elements as i64);
         assert_eq!(size, bytes.len(), "{elements} values of ggml type {ty} are {size} bytes");
         match (*traits).to_float {
-            Some(to_float) => to_float(bytes.as_ptr().cast(), out.as_mut_ptr(), elements as i64),
-            None if ty == g::GGML_TYPE_F32 => out.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(o, c)| *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            Some(to_float) => {
+                let mut out = vec![0f32; elements];
+                to_float(bytes.as_ptr().cast(), out.as_mut_ptr(), elements as i64);
+                out
+            }
+            None if ty == g::GGML_TYPE_F32 => f32_values(bytes),
             None => panic!("ggml type {ty} has no dequantizer"),
         }
     }
-    out
 }
 
 pub(super) fn quantized(t: T) -> bool {
