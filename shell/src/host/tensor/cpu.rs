@@ -34,9 +34,6 @@ pub struct Node {
     state: Mutex<State>,
     /// A float form of an MLX-quantized weight, made on its first use in a product.
     dequantized: OnceLock<Array>,
-    /// Block-quantized weights: their copy for ggml's interleaved kernels, made on the first product
-    /// that can use it (None: the kernels do not take this weight).
-    repacked: OnceLock<Option<lower::repack::Repacked>>,
 }
 
 enum State {
@@ -87,11 +84,11 @@ enum AttentionMask {
 
 impl Array {
     fn ready(shape: Vec<i32>, dtype: DType, buffer: Buffer) -> Array {
-        Array(Arc::new(Node { shape, dtype, blocks: None, state: Mutex::new(State::Ready(Arc::new(buffer))), dequantized: OnceLock::new(), repacked: OnceLock::new() }))
+        Array(Arc::new(Node { shape, dtype, blocks: None, state: Mutex::new(State::Ready(Arc::new(buffer))), dequantized: OnceLock::new() }))
     }
 
     fn pending(shape: Vec<i32>, dtype: DType, op: Op, inputs: Vec<Array>) -> Array {
-        Array(Arc::new(Node { shape, dtype, blocks: None, state: Mutex::new(State::Pending(op, inputs)), dequantized: OnceLock::new(), repacked: OnceLock::new() }))
+        Array(Arc::new(Node { shape, dtype, blocks: None, state: Mutex::new(State::Pending(op, inputs)), dequantized: OnceLock::new() }))
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -304,7 +301,7 @@ impl Backend for CpuBackend {
         if shape.len() > 4 {
             return Err(format!("block-quantized arrays hold at most 4 dimensions, not {shape:?}"));
         }
-        let node = Node { shape: shape.to_vec(), dtype: DType::F32, blocks: Some(ggml_type), state: Mutex::new(State::Ready(Arc::new(Buffer::mapped(map.clone(), range.start, bytes.len())))), dequantized: OnceLock::new(), repacked: OnceLock::new() };
+        let node = Node { shape: shape.to_vec(), dtype: DType::F32, blocks: Some(ggml_type), state: Mutex::new(State::Ready(Arc::new(Buffer::mapped(map.clone(), range.start, bytes.len())))), dequantized: OnceLock::new() };
         Ok(Some(Array(Arc::new(node))))
     }
 

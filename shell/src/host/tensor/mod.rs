@@ -86,8 +86,6 @@ pub trait Backend {
     fn from_bytes(&self, dtype: DType, bytes: &[u8], shape: &[i32]) -> OpResult<Self::Array>;
     /// An array over ggml block-quantized rows (`ggml_type` as GGUF numbers it) at `range` of a mapped
     /// file, computing as the f32 values the blocks encode; None when the backend cannot multiply blocks.
-    /// The mapping must be of a file, never anonymous memory: the backend may hand its pages back to the
-    /// system (to be read from the file again if touched).
     fn from_blocks(&self, ggml_type: u32, map: &Arc<Mmap>, range: Range<usize>, shape: &[i32]) -> OpResult<Option<Self::Array>>;
     fn shape<'a>(&self, a: &'a Self::Array) -> &'a [i32];
     /// The ggml block format `a` is stored in, if it is block-quantized data.
@@ -553,13 +551,10 @@ mod tests {
     /// Contract 0.2.0 names the block format of stored blocks; 0.1.0 (host::v0_1_0) calls them float32.
     #[test]
     fn block_quantized_arrays_report_their_format() {
-        let mut blocks = [0u8; 34 * 2]; // two Q8_0 blocks: a [2, 32] matrix
-        blocks[1] = 0x3c; // an f16 scale of 1.0 in each block (the quants stay 0)
-        blocks[35] = 0x3c;
-        let file = tempfile::tempfile().unwrap();
-        std::io::Write::write_all(&mut &file, &blocks).unwrap();
-        // SAFETY: a private temporary file nothing else writes.
-        let map = Arc::new(unsafe { Mmap::map(&file) }.unwrap());
+        let mut map = memmap2::MmapMut::map_anon(34 * 2).unwrap(); // two Q8_0 blocks: a [2, 32] matrix
+        map[0] = 0x3c; // an f16 scale of 1.0 in each block (the quants stay 0)
+        map[34] = 0x3c;
+        let map = Arc::new(map.make_read_only().unwrap());
         let backend = ActiveBackend::of(BackendKind::Cpu);
         let array = backend.from_blocks(8, &map, 0..68, &[2, 32]).unwrap().expect("the cpu backend keeps blocks");
         let handle = TensorHandle { blocks: backend.blocks(&array), dtype: backend.dtype(&array), bytes: 0, known_range: None, array };

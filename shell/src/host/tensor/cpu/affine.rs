@@ -82,7 +82,7 @@ impl CpuBackend {
             return Ok(None);
         };
         let buffer = Arc::new(Buffer::from_bytes(&blocks));
-        let node = Node { shape: vec![rows, columns], dtype: DType::F32, blocks: Some(lower::Q4_1), state: Mutex::new(State::Ready(buffer)), dequantized: OnceLock::new(), repacked: OnceLock::new() };
+        let node = Node { shape: vec![rows, columns], dtype: DType::F32, blocks: Some(lower::Q4_1), state: Mutex::new(State::Ready(buffer)), dequantized: OnceLock::new() };
         Ok(Some(Array(Arc::new(node))))
     }
 }

@@ -139,39 +139,7 @@ impl Buffer {
     }
 
     /// Where ggml reads the data. ggml only reads inputs (a mapped file is read-only besides).
-    /// Hands a mapped checkpoint range's whole pages back to the system (they are read from the file
-    /// again if touched); other buffers keep their memory.
-    pub(super) fn release_pages(&self) {
-        if let Storage::Mapped { map, offset } = &self.storage {
-            // SAFETY: sysconf only reads a system constant.
-            let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(0).max(1);
-            let (start, end) = inner_pages(*offset, self.len, page);
-            if start < end {
-                // SAFETY: whole pages inside [offset, offset + len), which lies inside this read-only
-                // shared file mapping (checked when the buffer was made): nothing outside it is dropped.
-                let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
-            }
-        }
-    }
-
     pub(super) fn ptr(&self) -> *mut std::ffi::c_void {
         self.bytes().as_ptr() as *mut std::ffi::c_void
-    }
-}
-
-/// The whole pages inside `len` bytes at `offset`, as a byte range (empty when there are none): a
-/// neighbour's bytes on a shared page are never handed back.
-fn inner_pages(offset: usize, len: usize, page: usize) -> (usize, usize) {
-    (offset.div_ceil(page) * page, (offset + len) / page * page)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn only_whole_pages_inside_a_range_are_handed_back() {
-        assert_eq!(super::inner_pages(0, 8192, 4096), (0, 8192));
-        assert_eq!(super::inner_pages(100, 8192, 4096), (4096, 8192));
-        let (start, end) = super::inner_pages(4000, 200, 4096);
-        assert!(start >= end, "a range inside one page hands back nothing");
     }
 }

@@ -13,7 +13,6 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 
 mod fused;
-pub(super) mod repack;
 mod runner;
 mod types;
 
@@ -512,14 +511,8 @@ impl Graph {
             State::Pending(op, src) => stored_transpose(op, src),
             State::Ready(_) => None,
         };
-        let a = self.act(x[0])?;
-        let k = ne_of(a)[0];
-        let a = self.repeat(a, [k, out[1], out[2], out[3]]);
         let weight = match stored {
-            Some(w) => match repack::twin(&w, a) {
-                Some(interleaved) => interleaved,
-                None => self.leaf(&w)?,
-            },
+            Some(w) => self.leaf(&w)?,
             _ => {
                 let b = self.act(x[1])?;
                 g::ggml_cont(ctx, g::ggml_permute(ctx, b, 1, 0, 2, 3))
@@ -529,6 +522,9 @@ impl Graph {
             g::GGML_TYPE_I32 | g::GGML_TYPE_I8 => self.act(weight)?,
             _ => weight,
         };
+        let a = self.act(x[0])?;
+        let k = ne_of(a)[0];
+        let a = self.repeat(a, [k, out[1], out[2], out[3]]);
         Ok(g::ggml_mul_mat(ctx, weight, a))
     }
 
