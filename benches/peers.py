@@ -6,6 +6,10 @@ cpu backend links the ggml that llama-cpp-sys-2 vendors), then runs it and `edge
 and 128 generated tokens, 3 runs each, and prints a markdown table (tokens/s, ratios to llama.cpp, peak
 RSS, the adapter's share of decode time). Standard library only.
 
+The engines take turns: each round runs every engine once, so a host whose speed drifts over minutes (a
+shared machine's moved llama.cpp's own prefill by 30 % between sittings) moves them all alike. Speeds
+are medians over the rounds; ratios are the median of each round's own ratio.
+
     python3 benches/peers.py [MODEL_ID]      # default gemma-3-270m (`cargo xtask demo-model`)
 
 EDGECHAT_THREADS sets the threads for both (default: every core). edgechat is built as `cargo run`
@@ -81,15 +85,39 @@ def build_llama_bench(threads):
     return version, binary
 
 
-def edgechat_bench(binary, model, backend, dtype, threads, adapter_engine="cranelift"):
+def edgechat_bench(binary, model, backend, dtype, threads, adapter_engine):
+    """One measured run: (the `bench --json` object, peak RSS in bytes)."""
     env = dict(os.environ, EDGECHAT_THREADS=str(threads), EDGECHAT_ADAPTER_ENGINE=adapter_engine)
-    # A first run compiles the adapter for this engine into the cache (as a user's first run does); the
-    # measured run below loads it, so its peak RSS is the model's, not the compiler's.
+    out, rss = peak_rss_of([binary, "--backend", backend, "bench", model, "--dtype", dtype, "--prompt-tokens", str(PROMPT),
+                            "--gen-tokens", str(GEN), "--runs", "1", "--json"], env)
+    result = json.loads(out.strip().splitlines()[-1])
+    return result, result.get("peak_rss_bytes") or rss
+
+
+def warm_up(binary, model, backend, dtype, threads, adapter_engine):
+    """Compiles the adapter for this engine into the cache, as a user's first run does: the measured runs
+    load it, so their peak RSS is the model's, not the compiler's."""
+    env = dict(os.environ, EDGECHAT_THREADS=str(threads), EDGECHAT_ADAPTER_ENGINE=adapter_engine)
     run([binary, "--backend", backend, "bench", model, "--dtype", dtype, "--prompt-tokens", "8", "--gen-tokens", "2",
          "--runs", "1", "--json"], stdout=subprocess.DEVNULL, env=env)
-    out, rss = peak_rss_of([binary, "--backend", backend, "bench", model, "--dtype", dtype, "--prompt-tokens", str(PROMPT),
-                                "--gen-tokens", str(GEN), "--runs", str(RUNS), "--json"], env)
-    return json.loads(out.strip().splitlines()[-1]), rss
+
+
+def llama_round(llama_bench, gguf, threads):
+    """One llama.cpp run of each: (prefill tok/s, decode tok/s at the prompt's depth, peak RSS)."""
+    common = [llama_bench, "-m", gguf, "-t", str(threads), "-r", "1", "-o", "json"]
+    out, rss_pp = peak_rss_of(common + ["-p", str(PROMPT), "-n", "0"])
+    pp = json.loads(out)[0]["avg_ts"]
+    # edgechat's decode follows its 512-token prompt, so llama.cpp's generation is measured at that depth
+    # too (llama-bench's plain tg128 starts from an empty context).
+    out, rss_tg = peak_rss_of(common + ["-p", "0", "-n", str(GEN), "-d", str(PROMPT)])
+    tg = json.loads(out)[0]["avg_ts"]
+    return pp, tg, max((r for r in (rss_pp, rss_tg) if r), default=None)
+
+
+def median(values):
+    values = sorted(values)
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def main():
@@ -108,38 +136,49 @@ def main():
     if not gguf.exists():
         sys.exit(f"{gguf} not found: import the model first (cargo xtask demo-model)")
 
-    rows, weights = [], None
-    # edgechat's decode follows its 512-token prompt, so llama.cpp's generation is measured at that depth
-    # too (llama-bench's plain tg128 starts from an empty context).
-    common = [llama_bench, "-m", gguf, "-t", str(threads), "-r", str(RUNS), "-o", "json"]
-    out, rss_pp = peak_rss_of(common + ["-p", str(PROMPT), "-n", "0"])
-    pp = json.loads(out)[0]["avg_ts"]
-    out, rss_tg = peak_rss_of(common + ["-p", "0", "-n", str(GEN), "-d", str(PROMPT)])
-    tg = json.loads(out)[0]["avg_ts"]
-    rss = max(r for r in (rss_pp, rss_tg) if r) if (rss_pp or rss_tg) else None
-    rows.append((f"llama.cpp ({version})", pp, tg, rss, None))
     # The cpu backend multiplies the GGUF's blocks as stored (auto); MLX runs them dequantized to f32.
-    for backend, dtype, engine in (("cpu", "auto", "cranelift"), ("cpu", "auto", "pulley"), ("mlx", "f32", "cranelift")):
-        result, rss = edgechat_bench(edgechat, model, backend, dtype, threads, engine)
-        # The tensors' bytes as stored (the file less its header: 235 MiB of Gemma 3's 241), as llama-bench's
-        # "size" column counts them too.
-        weights = weights or result.get("weight_bytes")
-        label = f"edgechat {backend} ({result['dtype']}, adapter on {engine})"
-        rows.append((label, result["prefill_tokens_per_s"], result["decode_tokens_per_s"], result.get("peak_rss_bytes") or rss,
-                     result["boundary_share"]))
+    engines = (("cpu", "auto", "cranelift"), ("cpu", "auto", "pulley"), ("mlx", "f32", "cranelift"))
+    llama, ours = [], {e: [] for e in engines}
+    for round_ in range(RUNS):
+        # (llama.cpp's first round runs before any edgechat process: a child's peak RSS is only
+        # attributable while it is the largest so far.)
+        llama.append(llama_round(llama_bench, gguf, threads))
+        for e in engines:
+            if round_ == 0:
+                warm_up(edgechat, model, *e[:2], threads, e[2])
+            ours[e].append(edgechat_bench(edgechat, model, *e[:2], threads, e[2]))
+
+    def rss_of(values):
+        return max((v for v in values if v), default=None)
+
+    rows = [(f"llama.cpp ({version})", median(r[0] for r in llama), median(r[1] for r in llama), 1.0, 1.0,
+             rss_of(r[2] for r in llama), None)]
+    # The tensors' bytes as stored (the file less its header: 235 MiB of Gemma 3's 241), as llama-bench's
+    # "size" column counts them too.
+    weights = next((r.get("weight_bytes") for runs in ours.values() for r, _ in runs if r.get("weight_bytes")), None)
+    for (backend, _, engine), runs in ours.items():
+        results = [r for r, _ in runs]
+        rows.append((f"edgechat {backend} ({results[0]['dtype']}, adapter on {engine})",
+                     median(r["prefill_tokens_per_s"] for r in results), median(r["decode_tokens_per_s"] for r in results),
+                     median(r["prefill_tokens_per_s"] / l[0] for r, l in zip(results, llama)),
+                     median(r["decode_tokens_per_s"] / l[1] for r, l in zip(results, llama)),
+                     rss_of(rss for _, rss in runs), median(r["boundary_share"] for r in results)))
 
     size = gguf.stat().st_size
     weights = weights or size
-    base_pp, base_tg = rows[0][1], rows[0][2]
     print(f"\n{model} ({gguf.name}, {size / 2**20:.1f} MiB, weights {weights / 2**20:.1f} MiB), {threads} threads, {PROMPT} prompt tokens, then {GEN} generated, "
-          f"{RUNS} runs, {time.strftime('%Y-%m-%d')}\n")
+          f"{RUNS} rounds with the engines taking turns, {time.strftime('%Y-%m-%d %H:%M')}\n")
     print("| engine | prefill tok/s | decode tok/s | prefill vs llama.cpp | decode vs llama.cpp | peak RSS | RSS / weight bytes | graph building share of decode |")
     print("|---|---|---|---|---|---|---|---|")
-    for label, pp, tg, rss, share in rows:
+    for label, pp, tg, pp_ratio, tg_ratio, rss, share in rows:
         rss_text = f"{rss / 2**20:.0f} MiB" if rss else "n/a"
         ratio = f"{rss / weights:.2f}x" if rss else "n/a"
         share_text = f"{share * 100:.1f} %" if share is not None else "-"
-        print(f"| {label} | {pp:.1f} | {tg:.1f} | {pp / base_pp:.2f}x | {tg / base_tg:.2f}x | {rss_text} | {ratio} | {share_text} |")
+        print(f"| {label} | {pp:.1f} | {tg:.1f} | {pp_ratio:.2f}x | {tg_ratio:.2f}x | {rss_text} | {ratio} | {share_text} |")
+    # Each round's figures, to see the drift the medians smooth out.
+    for i, l in enumerate(llama):
+        turns = ", ".join(f"{e[0]}/{e[2]} {ours[e][i][0]['prefill_tokens_per_s']:.0f}/{ours[e][i][0]['decode_tokens_per_s']:.1f}" for e in engines)
+        print(f"round {i + 1}: llama.cpp {l[0]:.0f}/{l[1]:.1f}, {turns} (prefill/decode tok/s)", file=sys.stderr)
 
 
 if __name__ == "__main__":
