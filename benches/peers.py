@@ -21,6 +21,7 @@ import json
 import os
 import pathlib
 import resource
+from statistics import median
 import subprocess
 import sys
 import tarfile
@@ -85,21 +86,14 @@ def build_llama_bench(threads):
     return version, binary
 
 
-def edgechat_bench(binary, model, backend, dtype, threads, adapter_engine):
-    """One measured run: (the `bench --json` object, peak RSS in bytes)."""
+def edgechat_bench(binary, model, engine, threads, prompt=PROMPT, gen=GEN):
+    """One run of `edgechat bench` on engine (backend, dtype, adapter engine): (its --json object, peak RSS)."""
+    backend, dtype, adapter_engine = engine
     env = dict(os.environ, EDGECHAT_THREADS=str(threads), EDGECHAT_ADAPTER_ENGINE=adapter_engine)
-    out, rss = peak_rss_of([binary, "--backend", backend, "bench", model, "--dtype", dtype, "--prompt-tokens", str(PROMPT),
-                            "--gen-tokens", str(GEN), "--runs", "1", "--json"], env)
+    out, rss = peak_rss_of([binary, "--backend", backend, "bench", model, "--dtype", dtype, "--prompt-tokens", str(prompt),
+                            "--gen-tokens", str(gen), "--runs", "1", "--json"], env)
     result = json.loads(out.strip().splitlines()[-1])
     return result, result.get("peak_rss_bytes") or rss
-
-
-def warm_up(binary, model, backend, dtype, threads, adapter_engine):
-    """Compiles the adapter for this engine into the cache, as a user's first run does: the measured runs
-    load it, so their peak RSS is the model's, not the compiler's."""
-    env = dict(os.environ, EDGECHAT_THREADS=str(threads), EDGECHAT_ADAPTER_ENGINE=adapter_engine)
-    run([binary, "--backend", backend, "bench", model, "--dtype", dtype, "--prompt-tokens", "8", "--gen-tokens", "2",
-         "--runs", "1", "--json"], stdout=subprocess.DEVNULL, env=env)
 
 
 def llama_round(llama_bench, gguf, threads):
@@ -112,12 +106,6 @@ def llama_round(llama_bench, gguf, threads):
     out, rss_tg = peak_rss_of(common + ["-p", "0", "-n", str(GEN), "-d", str(PROMPT)])
     tg = json.loads(out)[0]["avg_ts"]
     return pp, tg, max((r for r in (rss_pp, rss_tg) if r), default=None)
-
-
-def median(values):
-    values = sorted(values)
-    middle = len(values) // 2
-    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def main():
@@ -145,8 +133,10 @@ def main():
         llama.append(llama_round(llama_bench, gguf, threads))
         for e in engines:
             if round_ == 0:
-                warm_up(edgechat, model, *e[:2], threads, e[2])
-            ours[e].append(edgechat_bench(edgechat, model, *e[:2], threads, e[2]))
+                # A first run compiles the adapter for this engine into the cache (as a user's first run
+                # does): the measured runs load it, so their peak RSS is the model's, not the compiler's.
+                edgechat_bench(edgechat, model, e, threads, prompt=8, gen=2)
+            ours[e].append(edgechat_bench(edgechat, model, e, threads))
 
     def rss_of(values):
         return max((v for v in values if v), default=None)
