@@ -122,7 +122,15 @@ fn gemma3_matches_transformers() {
 fn a_contract_0_1_0_adapter_still_matches_transformers() {
     let adapter = common::host_with(Default::default()).load(&common::fixture("adapters/gemma-0.1.0.wasm")).unwrap();
     assert_eq!(adapter.info.contract_version, "0.1.0");
-    assert_eq!(common::load("gemma").info.contract_version, "0.2.0");
+    assert_eq!(common::load("gemma").info.contract_version, "0.3.0");
+    check_model_with(&adapter, "tiny-gemma3");
+}
+
+/// The same for an adapter built against contract 0.2.0, which records every op as a call of its own.
+#[test]
+fn a_contract_0_2_0_adapter_still_matches_transformers() {
+    let adapter = common::host_with(Default::default()).load(&common::fixture("adapters/gemma-0.2.0.wasm")).unwrap();
+    assert_eq!(adapter.info.contract_version, "0.2.0");
     check_model_with(&adapter, "tiny-gemma3");
 }
 
@@ -174,7 +182,33 @@ fn decoding_past_the_kept_history_matches_the_whole_sequence() {
             let diff = max_abs_diff(&step, &whole[i * vocab..(i + 1) * vocab]);
             assert!(diff < TOLERANCE, "{name}: position {i} differs by {diff}");
         }
+        // Those steps were the adapter's decode template run by the shell, except the two that made it
+        // and, around each of the histories' two cut-backs, the three model code recorded again.
+        let replayed = model.session().state().unwrap().tensors.template_runs;
+        assert!((200..=218).contains(&replayed), "{name}: {replayed} of 220 steps were replayed");
     }
+}
+
+/// An adapter whose decode template the shell runs computes what it computes recording every step.
+#[test]
+fn replayed_decode_steps_equal_recorded_ones() {
+    let reference = Reference::load("tiny-gemma3");
+    let ids = reference.ids("len24");
+    let old = common::host_with(Default::default()).load(&common::fixture("adapters/gemma-0.2.0.wasm")).unwrap();
+    let mut runs = Vec::new();
+    for adapter in [old, common::load("gemma")] {
+        let mut model = load_with(&adapter, "tiny-gemma3");
+        let cache = model.new_cache().unwrap();
+        let mut logits = vec![model.forward(&ids, &cache, false).unwrap()];
+        for _ in 0..40 {
+            let next = argmax(logits.last().unwrap());
+            logits.push(model.forward(&[next], &cache, false).unwrap());
+        }
+        runs.push((logits, model.session().state().unwrap().tensors.template_runs));
+    }
+    assert_eq!(runs[0].1, 0, "a 0.2.0 adapter has no templates");
+    assert_eq!(runs[1].1, 38, "every decode step after the first two is replayed");
+    assert!(runs[0].0 == runs[1].0, "replayed steps compute exactly what recorded ones do");
 }
 
 /// An MLX-quantized checkpoint (tests/fixtures/tiny/make_quantized.py) computes what its dequantized

@@ -6,8 +6,8 @@
 //! final logit soft-capping. Reads hub checkpoints (HF tensor names) and GGUF (llama.cpp names).
 
 use adapter_kit::adapter::Graph;
-use adapter_kit::nn::{self, config_f32, config_u32, config_value, Embedding, KvCache, Linear, R};
-use adapter_kit::wit::edgechat::adapter::tensor::{self, Array};
+use adapter_kit::nn::{self, config_f32, config_u32, config_value, Embedding, History, KvCache, Linear, R};
+use adapter_kit::ops::{self as tensor, Tensor};
 use adapter_kit::wit::edgechat::adapter::weights::{self, CheckpointFormat};
 use serde_json::Value;
 
@@ -149,23 +149,23 @@ impl Names {
     }
 
     /// Gemma's RMSNorm scales by (1 + w). GGUF files store 1 + w already.
-    fn norm(&self, name: String) -> R<Array> {
+    fn norm(&self, name: String) -> R<Tensor> {
         let w = nn::load_dense(&name)?;
         if self.gguf { Ok(w) } else { tensor::add_scalar(&w, 1.0) }
     }
 }
 
 struct Layer {
-    input_norm: Array,
+    input_norm: Tensor,
     q: Linear,
     k: Linear,
     v: Linear,
     o: Linear,
-    q_norm: Array,
-    k_norm: Array,
-    post_attention_norm: Array,
-    pre_ffn_norm: Array,
-    post_ffn_norm: Array,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    post_attention_norm: Tensor,
+    pre_ffn_norm: Tensor,
+    post_ffn_norm: Tensor,
     gate: Linear,
     up: Linear,
     down: Linear,
@@ -175,7 +175,7 @@ pub struct Gemma3 {
     pub config: Config,
     embed: Embedding,
     layers: Vec<Layer>,
-    norm: Array,
+    norm: Tensor,
 }
 
 /// Per conversation: one KV cache per layer (window-bounded for sliding layers).
@@ -217,7 +217,7 @@ impl Gemma3 {
             .collect::<R<Vec<_>>>()?;
         let embed = Embedding::load(&names.global("embed_tokens"))?;
         let mut config = config;
-        config.vocab = embed.rows();
+        config.vocab = embed.rows()?;
         Ok(Gemma3 { embed, norm: names.norm(names.global("norm"))?, layers, config })
     }
 
@@ -226,10 +226,10 @@ impl Gemma3 {
         Cache { layers: c.sliding.iter().map(|&s| KvCache::new(s.then_some(c.sliding_window))).collect() }
     }
 
-    pub fn forward(&self, tokens: &[u32], cache: &mut Cache, all_positions: bool) -> R<Array> {
+    pub fn forward(&self, tokens: &[u32], ids: &Tensor, cache: &mut Cache, all_positions: bool) -> R<Tensor> {
         let c = &self.config;
         let offset = cache.length();
-        let h = self.embed.lookup(&nn::token_ids(tokens)?)?;
+        let h = self.embed.lookup(ids)?;
         let mut h = tensor::scale(&h, (c.hidden as f32).sqrt())?;
         for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let x = tensor::rms_norm(&h, &layer.input_norm, c.eps)?;
@@ -250,10 +250,10 @@ impl Gemma3 {
         if let Some(cap) = c.final_softcap {
             logits = tensor::scale(&tensor::tanh(&tensor::scale(&logits, 1.0 / cap)?)?, cap)?;
         }
-        nn::finish_logits(&logits)
+        nn::finish_logits(&logits, if all_positions { tokens.len() as u32 } else { 1 })
     }
 
-    fn attention(&self, layer: &Layer, x: &Array, kv: &mut KvCache, sliding: bool, offset: u32, t: u32) -> R<Array> {
+    fn attention(&self, layer: &Layer, x: &Tensor, kv: &mut KvCache, sliding: bool, offset: u32, t: u32) -> R<Tensor> {
         let c = &self.config;
         let q = nn::split_heads(&layer.q.forward(x)?, c.heads, c.head_dim)?;
         let k = nn::split_heads(&layer.k.forward(x)?, c.kv_heads, c.head_dim)?;
@@ -284,8 +284,12 @@ impl Graph for Gemma3 {
         Gemma3::new_cache(self)
     }
 
-    fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, all_positions: bool) -> Result<Array, String> {
-        Gemma3::forward(self, tokens, cache, all_positions)
+    fn forward(&self, tokens: &[u32], ids: &Tensor, cache: &mut Self::Cache, all_positions: bool) -> Result<Tensor, String> {
+        Gemma3::forward(self, tokens, ids, cache, all_positions)
+    }
+
+    fn histories(cache: &mut Self::Cache) -> Vec<&mut History> {
+        cache.layers.iter_mut().flat_map(|kv| [&mut kv.keys, &mut kv.values]).collect()
     }
 
     fn cache_length(cache: &Self::Cache) -> u32 {

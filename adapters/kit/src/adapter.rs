@@ -2,6 +2,9 @@
 //! chat template, sampling defaults) and its [`Graph`] (the model file), exported with
 //! [`export_adapter!`](crate::export_adapter).
 
+use crate::nn::{self, History};
+use crate::ops::Tensor;
+use crate::step::{self, Replay};
 use crate::wit::edgechat::adapter::tensor::Array;
 use crate::wit::exports::edgechat::adapter::{catalog, info, prompt, runtime};
 use crate::{render_chat_template, ChatMessage, TokenizerConfig};
@@ -39,15 +42,20 @@ pub trait Graph: Sized + 'static {
     fn load() -> Result<Self, String>;
     fn vocab_size(&self) -> u32;
     fn new_cache(&self) -> Self::Cache;
-    fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, all_positions: bool) -> Result<Array, String>;
+    /// Logits after feeding `tokens` (as int32 [1, t] `ids`): [t, vocab] for every position when
+    /// `all_positions`, else [1, vocab] for the last.
+    fn forward(&self, tokens: &[u32], ids: &Tensor, cache: &mut Self::Cache, all_positions: bool) -> Result<Tensor, String>;
     fn cache_length(cache: &Self::Cache) -> u32;
     fn trim(cache: &mut Self::Cache, length: u32) -> Result<(), String>;
+    /// Every per-position history the cache holds, always in the same order: what a decode step reads
+    /// and replaces (see [`step`](crate::step)).
+    fn histories(cache: &mut Self::Cache) -> Vec<&mut History>;
 }
 
 /// The exported adapter for family `F`.
 pub struct Adapter<F>(PhantomData<F>);
 pub struct Model<F: Family>(F::Graph);
-pub struct Cache<F: Family>(RefCell<<F::Graph as Graph>::Cache>);
+pub struct Cache<F: Family>(RefCell<(<F::Graph as Graph>::Cache, Replay)>);
 
 fn strings(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
@@ -58,7 +66,7 @@ impl<F: Family> info::Guest for Adapter<F> {
         info::AdapterInfo {
             name: F::NAME.into(),
             version: F::VERSION.into(),
-            contract_version: "0.2.0".into(),
+            contract_version: "0.3.0".into(),
             families: strings(F::FAMILIES),
             architectures: strings(F::ARCHITECTURES),
             allowed_hosts: strings(F::ALLOWED_HOSTS),
@@ -93,11 +101,13 @@ impl<F: Family> prompt::Guest for Adapter<F> {
 
 impl<F: Family> runtime::GuestCache for Cache<F> {
     fn length(&self) -> u32 {
-        F::Graph::cache_length(&self.0.borrow())
+        F::Graph::cache_length(&self.0.borrow().0)
     }
 
     fn trim(&self, length: u32) -> Result<(), String> {
-        F::Graph::trim(&mut self.0.borrow_mut(), length)
+        let (cache, replay) = &mut *self.0.borrow_mut();
+        replay.forget();
+        F::Graph::trim(cache, length)
     }
 }
 
@@ -111,15 +121,19 @@ impl<F: Family> runtime::GuestModel for Model<F> {
     }
 
     fn new_cache(&self) -> runtime::Cache {
-        runtime::Cache::new(Cache::<F>(RefCell::new(self.0.new_cache())))
+        runtime::Cache::new(Cache::<F>(RefCell::new((self.0.new_cache(), Replay::default()))))
     }
 
     fn forward(&self, tokens: Vec<u32>, cache: runtime::CacheBorrow<'_>, all_positions: bool) -> Result<Array, String> {
         if tokens.is_empty() {
             return Err("forward needs at least one token".into());
         }
-        let cache = cache.get::<Cache<F>>();
-        self.0.forward(&tokens, &mut cache.0.borrow_mut(), all_positions)
+        let (cache, replay) = &mut *cache.get::<Cache<F>>().0.borrow_mut();
+        if let ([token], false) = (&tokens[..], all_positions) {
+            return step::decode(&self.0, *token, cache, replay);
+        }
+        replay.forget();
+        self.0.forward(&tokens, &nn::token_ids(&tokens)?, cache, all_positions)?.into_array()
     }
 }
 

@@ -14,8 +14,8 @@ pub mod wit {
     //! Bindings for the whole adapter world: the host imports the graph code calls, and the exports
     //! [`adapter`](crate::adapter) implements once for every adapter.
     wit_bindgen::generate!({
-        path: "../../wit/v0.2.0",
-        world: "edgechat:adapter/adapter@0.2.0",
+        path: "../../wit/v0.3.0",
+        world: "edgechat:adapter/adapter@0.3.0",
         pub_export_macro: true,
         generate_all,
     });
@@ -24,7 +24,9 @@ pub mod wit {
 pub mod adapter;
 pub mod hub;
 pub mod nn;
+pub mod ops;
 pub mod selftest;
+pub mod step;
 
 /// One chat message as the template sees it.
 #[derive(Debug, Clone, Serialize)]

@@ -2,18 +2,42 @@
 //! MLX-quantized), embeddings usable as a tied output head, and caches that remember a bounded history
 //! so a conversation can be resumed from a shared prefix.
 
-use crate::wit::edgechat::adapter::tensor::{self, Array, Mask, RopeParams, WindowMask};
-use crate::wit::edgechat::adapter::weights::{self, Entry, QuantizedEntry};
+use crate::ops::{self as tensor, Mask, Tensor};
+use crate::wit::edgechat::adapter::tensor::{Dtype, RopeParams, WindowMask};
+use crate::wit::edgechat::adapter::weights;
 
-pub type R<T> = Result<T, String>;
+pub use crate::ops::R;
+
+/// A tensor as stored: dense, or MLX affine-quantized.
+pub enum Entry {
+    Dense(Tensor),
+    Quantized(QuantizedEntry),
+}
+
+pub struct QuantizedEntry {
+    pub weight: Tensor,
+    pub scales: Tensor,
+    pub biases: Tensor,
+    pub group_size: u32,
+    pub bits: u32,
+}
 
 /// A tensor the model cannot run without.
 pub fn load(name: &str) -> R<Entry> {
-    weights::get(name)
+    Ok(match weights::get(name)? {
+        weights::Entry::Dense(a) => Entry::Dense(Tensor::from_array(a)),
+        weights::Entry::Quantized(q) => Entry::Quantized(QuantizedEntry {
+            weight: Tensor::from_array(q.weight),
+            scales: Tensor::from_array(q.scales),
+            biases: Tensor::from_array(q.biases),
+            group_size: q.group_size,
+            bits: q.bits,
+        }),
+    })
 }
 
 /// A dense tensor (dequantized if stored quantized), e.g. a norm weight.
-pub fn load_dense(name: &str) -> R<Array> {
+pub fn load_dense(name: &str) -> R<Tensor> {
     match load(name)? {
         Entry::Dense(a) => Ok(a),
         Entry::Quantized(q) => tensor::dequantize(&q.weight, &q.scales, &q.biases, q.group_size, q.bits),
@@ -23,12 +47,12 @@ pub fn load_dense(name: &str) -> R<Array> {
 /// y = x W^T (+ b).
 pub struct Linear {
     weight: LinearWeight,
-    bias: Option<Array>,
+    bias: Option<Tensor>,
 }
 
 enum LinearWeight {
     /// Holds W^T (a lazy transposed view: no copy).
-    Dense(Array),
+    Dense(Tensor),
     Quantized(QuantizedEntry),
 }
 
@@ -46,7 +70,7 @@ impl Linear {
         Ok(Linear { bias: Some(load_dense(bias)?), ..Linear::load(name)? })
     }
 
-    pub fn forward(&self, x: &Array) -> R<Array> {
+    pub fn forward(&self, x: &Tensor) -> R<Tensor> {
         let y = match &self.weight {
             LinearWeight::Dense(wt) => tensor::matmul(x, wt)?,
             LinearWeight::Quantized(q) => tensor::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits)?,
@@ -60,7 +84,7 @@ impl Linear {
 
 /// Token embeddings [vocab, hidden], also usable as the output head when tied.
 pub enum Embedding {
-    Dense(Array),
+    Dense(Tensor),
     Quantized(QuantizedEntry),
 }
 
@@ -73,26 +97,27 @@ impl Embedding {
     }
 
     /// Vocabulary size.
-    pub fn rows(&self) -> u32 {
-        match self {
-            Embedding::Dense(table) => table.shape()[0],
-            Embedding::Quantized(q) => q.weight.shape()[0],
-        }
+    pub fn rows(&self) -> R<u32> {
+        let shape = match self {
+            Embedding::Dense(table) => table.shape()?,
+            Embedding::Quantized(q) => q.weight.shape()?,
+        };
+        shape.first().copied().ok_or_else(|| "the embedding table has no rows".into())
     }
 
     /// ids [batch, seq] (int32) -> [batch, seq, hidden].
-    pub fn lookup(&self, ids: &Array) -> R<Array> {
+    pub fn lookup(&self, ids: &Tensor) -> R<Tensor> {
         match self {
             Embedding::Dense(table) => tensor::take(table, ids, 0),
             Embedding::Quantized(q) => {
-                let rows = |a: &Array| tensor::take(a, ids, 0);
+                let rows = |a: &Tensor| tensor::take(a, ids, 0);
                 tensor::dequantize(&rows(&q.weight)?, &rows(&q.scales)?, &rows(&q.biases)?, q.group_size, q.bits)
             }
         }
     }
 
     /// x [.., hidden] -> logits [.., vocab].
-    pub fn as_linear(&self, x: &Array) -> R<Array> {
+    pub fn as_linear(&self, x: &Tensor) -> R<Tensor> {
         match self {
             Embedding::Dense(table) => tensor::matmul(x, &tensor::transpose(table, &[1, 0])?),
             Embedding::Quantized(q) => tensor::quantized_matmul(x, &q.weight, &q.scales, &q.biases, true, q.group_size, q.bits),
@@ -110,7 +135,7 @@ pub const COMPACT_STEP: u32 = 64;
 /// The recent history of one per-position tensor (keys, values, conv inputs) along `axis`.
 /// It covers positions `start..end`; with `keep = Some(n)` only the last n are retained.
 pub struct History {
-    data: Option<Array>,
+    data: Option<Tensor>,
     axis: u32,
     start: u32,
     end: u32,
@@ -137,19 +162,31 @@ impl History {
         self.end
     }
 
-    pub fn data(&self) -> Option<&Array> {
+    pub fn data(&self) -> Option<&Tensor> {
         self.data.as_ref()
     }
 
     /// Appends `new` (covering `count` positions). The whole history, new part included, is then
     /// `data()` until [`History::compact`] drops what is no longer needed.
-    pub fn append(&mut self, new: Array, count: u32) -> R<()> {
+    pub fn append(&mut self, new: Tensor, count: u32) -> R<()> {
         self.data = Some(match self.data.take() {
             Some(old) => tensor::concatenate(&[&old, &new], self.axis as i32)?,
             None => new,
         });
         self.end += count;
         Ok(())
+    }
+
+    /// Whether appending `count` positions would make [`History::compact`] drop some.
+    pub fn compacts_after(&self, count: u32) -> bool {
+        self.keep.is_some_and(|keep| self.end + count - self.start > keep + COMPACT_STEP)
+    }
+
+    /// What [`History::append`] and a [`History::compact`] that drops nothing leave, from a replayed
+    /// step: `data` is the whole history, `count` positions longer.
+    pub fn advance(&mut self, data: Tensor, count: u32) {
+        self.data = Some(data);
+        self.end += count;
     }
 
     /// Drops positions beyond what a bounded history keeps, [`COMPACT_STEP`] at a time: a compacted
@@ -190,11 +227,11 @@ impl History {
     }
 }
 
-/// a[.., from..to, ..] along `axis`.
-pub fn slice_axis(a: &Array, axis: u32, from: u32, to: u32) -> R<Array> {
-    let shape = a.shape();
-    let mut start = vec![0i32; shape.len()];
-    let mut stop: Vec<i32> = shape.iter().map(|&d| d as i32).collect();
+/// a[.., from..to, ..] along `axis` (slices clamp to the shape, so no shape query is needed: the
+/// axes before `axis` are taken whole, and so are those after it, being left out).
+pub fn slice_axis(a: &Tensor, axis: u32, from: u32, to: u32) -> R<Tensor> {
+    let mut start = vec![0; axis as usize + 1];
+    let mut stop = vec![i32::MAX; axis as usize + 1];
     start[axis as usize] = from as i32;
     stop[axis as usize] = to as i32;
     tensor::slice(a, &start, &stop)
@@ -228,7 +265,7 @@ impl KvCache {
 
     /// Attention of `q` [1, h, t, d] (already rotated) over the cached keys plus `k`, `v` (the new ones:
     /// `t` positions, which the caller knows; asking the host would be one more call per layer and token).
-    pub fn attend(&mut self, q: &Array, k: Array, v: Array, t: u32, scale: f32) -> R<Array> {
+    pub fn attend(&mut self, q: &Tensor, k: Tensor, v: Tensor, t: u32, scale: f32) -> R<Tensor> {
         let first = self.offset();
         self.keys.append(k, t)?;
         self.values.append(v, t)?;
@@ -241,7 +278,7 @@ impl KvCache {
             None if t > 1 => Mask::Causal,
             None => Mask::None,
         };
-        let out = tensor::attention(q, keys, values, scale, &mask)?;
+        let out = tensor::attention(q, keys, values, scale, mask)?;
         self.keys.compact()?;
         self.values.compact()?;
         Ok(out)
@@ -249,39 +286,38 @@ impl KvCache {
 }
 
 /// Rotary embedding of x [b, h, t, d] starting at `offset`, rotating halves (Gemma, LFM2).
-pub fn rope(x: &Array, dims: u32, base: f32, scale: f32, offset: u32) -> R<Array> {
+pub fn rope(x: &Tensor, dims: u32, base: f32, scale: f32, offset: u32) -> R<Tensor> {
     tensor::rope(x, RopeParams { dims, traditional: false, base, scale, offset })
 }
 
 /// [1, t, heads * d] -> [1, heads, t, d]. The kit's models run one sequence, so the batch is 1 and the
 /// host infers t: no shape query (one host call per use, three per layer and token).
-pub fn split_heads(x: &Array, heads: u32, head_dim: u32) -> R<Array> {
+pub fn split_heads(x: &Tensor, heads: u32, head_dim: u32) -> R<Tensor> {
     let x = tensor::reshape(x, &[1, -1, heads as i32, head_dim as i32])?;
     tensor::transpose(&x, &[0, 2, 1, 3])
 }
 
 /// [1, heads, t, d] -> [1, t, heads * d].
-pub fn merge_heads(x: &Array, heads: u32, head_dim: u32) -> R<Array> {
+pub fn merge_heads(x: &Tensor, heads: u32, head_dim: u32) -> R<Tensor> {
     let x = tensor::transpose(x, &[0, 2, 1, 3])?;
     tensor::reshape(&x, &[1, -1, (heads * head_dim) as i32])
 }
 
 /// Token ids as an int32 [1, t] array.
-pub fn token_ids(tokens: &[u32]) -> R<Array> {
+pub fn token_ids(tokens: &[u32]) -> R<Tensor> {
     let ids: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-    Array::from_i32(&ids, &[1, tokens.len() as u32])
+    Tensor::from_i32(&ids, &[1, tokens.len() as u32])
 }
 
 /// Hidden states [1, t, hidden] -> those of the last position only [1, 1, hidden].
-pub fn last_position(h: &Array, t: u32) -> R<Array> {
+pub fn last_position(h: &Tensor, t: u32) -> R<Tensor> {
     tensor::slice(h, &[0, t as i32 - 1], &[1, t as i32])
 }
 
-/// Logits [1, t, vocab] as f32 [t, vocab].
-pub fn finish_logits(logits: &Array) -> R<Array> {
-    let s = logits.shape();
-    let logits = tensor::astype(logits, tensor::Dtype::Float32)?;
-    tensor::reshape(&logits, &[s[1] as i32, s[2] as i32])
+/// Logits [1, t, vocab] as the f32 [t, vocab] tensor `forward` returns to the shell.
+pub fn finish_logits(logits: &Tensor, t: u32) -> R<Tensor> {
+    let logits = tensor::astype(logits, Dtype::Float32)?;
+    tensor::reshape(&logits, &[t as i32, -1])
 }
 
 /// Reads a config value: the first of `keys` present (dotted paths into nested objects).

@@ -7,7 +7,7 @@
 
 use adapter_kit::adapter::Graph;
 use adapter_kit::nn::{self, config_f32, config_u32, config_value, Embedding, History, KvCache, Linear, R};
-use adapter_kit::wit::edgechat::adapter::tensor::{self, Array};
+use adapter_kit::ops::{self as tensor, Tensor};
 use adapter_kit::wit::edgechat::adapter::weights::{self, CheckpointFormat};
 use serde_json::Value;
 
@@ -143,14 +143,14 @@ impl Names {
 }
 
 enum Operator {
-    Conv { in_proj: Linear, out_proj: Linear, kernel: Array, bias: Option<Array> },
-    Attention { q: Linear, k: Linear, v: Linear, out: Linear, q_norm: Array, k_norm: Array },
+    Conv { in_proj: Linear, out_proj: Linear, kernel: Tensor, bias: Option<Tensor> },
+    Attention { q: Linear, k: Linear, v: Linear, out: Linear, q_norm: Tensor, k_norm: Tensor },
 }
 
 struct Layer {
-    operator_norm: Array,
+    operator_norm: Tensor,
     operator: Operator,
-    ffn_norm: Array,
+    ffn_norm: Tensor,
     w1: Linear,
     w2: Linear,
     w3: Linear,
@@ -160,7 +160,7 @@ pub struct Lfm2 {
     pub config: Config,
     embed: Embedding,
     layers: Vec<Layer>,
-    final_norm: Array,
+    final_norm: Tensor,
 }
 
 /// Per layer: recent conv inputs (B*x, [1, t, hidden]) or a KV cache.
@@ -230,7 +230,7 @@ impl Lfm2 {
             })
             .collect::<R<Vec<_>>>()?;
         let embed = Embedding::load(&names.global("embed_tokens"))?;
-        config.vocab = embed.rows();
+        config.vocab = embed.rows()?;
         Ok(Lfm2 { final_norm: nn::load_dense(&names.global("embedding_norm"))?, embed, layers, config })
     }
 
@@ -244,10 +244,10 @@ impl Lfm2 {
         Cache { layers }
     }
 
-    pub fn forward(&self, tokens: &[u32], cache: &mut Cache, all_positions: bool) -> R<Array> {
+    pub fn forward(&self, tokens: &[u32], ids: &Tensor, cache: &mut Cache, all_positions: bool) -> R<Tensor> {
         let c = &self.config;
         let offset = cache.length();
-        let mut h = self.embed.lookup(&nn::token_ids(tokens)?)?;
+        let mut h = self.embed.lookup(ids)?;
         for (layer, state) in self.layers.iter().zip(cache.layers.iter_mut()) {
             let x = tensor::rms_norm(&h, &layer.operator_norm, c.eps)?;
             let y = match (&layer.operator, state) {
@@ -274,11 +274,11 @@ impl Lfm2 {
             h = nn::last_position(&h, tokens.len() as u32)?;
         }
         let h = tensor::rms_norm(&h, &self.final_norm, c.eps)?;
-        nn::finish_logits(&self.embed.as_linear(&h)?)
+        nn::finish_logits(&self.embed.as_linear(&h)?, if all_positions { tokens.len() as u32 } else { 1 })
     }
 
     /// Gated depthwise causal convolution: B, C, x = in_proj(h); y = C * (conv(B * x) + bias); out_proj(y).
-    fn short_conv(&self, h: &Array, in_proj: &Linear, out_proj: &Linear, conv: (&Array, Option<&Array>), history: &mut History, t: u32) -> R<Array> {
+    fn short_conv(&self, h: &Tensor, in_proj: &Linear, out_proj: &Linear, conv: (&Tensor, Option<&Tensor>), history: &mut History, t: u32) -> R<Tensor> {
         let (kernel, bias) = conv;
         let hidden = self.config.hidden;
         let bcx = in_proj.forward(h)?;
@@ -290,10 +290,11 @@ impl Lfm2 {
         let held = history.end() - history.start();
         let all = history.data().ok_or("empty conv state")?;
         let input = if held >= t + context {
-            nn::slice_axis(all, 1, held - t - context, held)?
+            // Counted from the end, so that every decode step records the same slice (see kit::step).
+            tensor::slice(all, &[0, -((t + context) as i32)], &[1, i32::MAX])?
         } else {
-            let zeros = Array::from_f32(&vec![0.0; ((t + context - held) * hidden) as usize], &[1, t + context - held, hidden])?;
-            tensor::concatenate(&[&tensor::astype(&zeros, all.dtype())?, all], 1)?
+            let zeros = Tensor::from_f32(&vec![0.0; ((t + context - held) * hidden) as usize], &[1, t + context - held, hidden])?;
+            tensor::concatenate(&[&tensor::astype(&zeros, all.dtype()?)?, all], 1)?
         };
         let mut conv = tensor::conv1d_depthwise(&input, kernel)?;
         if let Some(bias) = bias {
@@ -320,8 +321,8 @@ impl Graph for Lfm2 {
         Lfm2::new_cache(self)
     }
 
-    fn forward(&self, tokens: &[u32], cache: &mut Self::Cache, all_positions: bool) -> Result<Array, String> {
-        Lfm2::forward(self, tokens, cache, all_positions)
+    fn forward(&self, tokens: &[u32], ids: &Tensor, cache: &mut Self::Cache, all_positions: bool) -> Result<Tensor, String> {
+        Lfm2::forward(self, tokens, ids, cache, all_positions)
     }
 
     fn cache_length(cache: &Self::Cache) -> u32 {
@@ -330,5 +331,16 @@ impl Graph for Lfm2 {
 
     fn trim(cache: &mut Self::Cache, length: u32) -> Result<(), String> {
         cache.trim(length)
+    }
+
+    fn histories(cache: &mut Self::Cache) -> Vec<&mut History> {
+        cache
+            .layers
+            .iter_mut()
+            .flat_map(|layer| match layer {
+                LayerCache::Conv(h) => vec![h],
+                LayerCache::Attention(kv) => vec![&mut kv.keys, &mut kv.values],
+            })
+            .collect()
     }
 }

@@ -22,7 +22,7 @@ use wasmtime::component::{Component, Linker};
 use wasmtime::{Config, Engine, Store};
 
 /// Contract versions this shell implements (see wit/).
-pub const KNOWN_CONTRACTS: &[&str] = &["0.1.0", "0.2.0"];
+pub const KNOWN_CONTRACTS: &[&str] = &["0.1.0", "0.2.0", "0.3.0"];
 const PACKAGE: &str = "edgechat:adapter";
 const IMPORTS: &[&str] = &["log", "tensor", "weights", "net"];
 const EXPORTS: &[&str] = &["info", "catalog", "prompt", "runtime"];

@@ -5,6 +5,7 @@ pub mod log;
 pub mod net;
 pub mod tensor;
 pub mod v0_1_0;
+pub mod v0_2_0;
 pub mod weights;
 
 use std::time::{Duration, Instant};

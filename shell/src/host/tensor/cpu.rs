@@ -536,4 +536,21 @@ mod tests {
         let second = Array::pending(vec![1], DType::F32, Op::Add, vec![chain.clone(), chain]);
         drop(second);
     }
+
+    /// The rotation of a single head is a permuted view whose size-1 axis has unpacked strides; ggml's
+    /// scale aborted the process on it (`ggml_is_padded_1d`) until such inputs were copied first.
+    #[test]
+    fn scaling_a_rotated_single_head_computes() {
+        let cpu = CpuBackend;
+        let x = cpu.from_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], &[1, 1, 2, 4]).unwrap();
+        let rotated = cpu.rope(&x, Rope { dims: 4, traditional: false, base: 10_000.0, scale: 1.0, offset: 0 }).unwrap();
+        let twice = cpu.scale(&rotated, 2.0).unwrap();
+        let plus = cpu.add_scalar(&rotated, 1.0).unwrap();
+        // Each in a graph of its own with the rotation, read before the rotation is.
+        let (twice, plus) = (cpu.read_f32(&twice).unwrap(), cpu.read_f32(&plus).unwrap());
+        let rotated = cpu.read_f32(&rotated).unwrap();
+        assert_eq!(&rotated[..4], &[1.0, 2.0, 3.0, 4.0], "position 0 is not rotated");
+        assert_eq!(twice, rotated.iter().map(|v| v * 2.0).collect::<Vec<_>>());
+        assert_eq!(plus, rotated.iter().map(|v| v + 1.0).collect::<Vec<_>>());
+    }
 }

@@ -8,9 +8,11 @@
 //! checked against the axis they index, since MLX's CPU gather does not bounds-check.
 
 pub mod active;
+pub mod batch;
 pub mod checks;
 pub mod cpu;
 pub mod mlx;
+pub mod template;
 
 use crate::adapter::bindings::edgechat::adapter::tensor as wit;
 use crate::host::HostState;
@@ -163,11 +165,17 @@ pub struct Tensors {
     pub peak_bytes: u64,
     pub max_handles: usize,
     pub max_bytes: u64,
+    /// The results of the `record-batch` call running now (see [`batch`]).
+    batch: Option<Vec<Option<TensorHandle>>>,
+    /// Ops held by live templates (see [`template`]).
+    template_ops: usize,
+    /// Templates run so far: the decode steps the adapter's own code did not record.
+    pub template_runs: u64,
 }
 
 impl Tensors {
     pub fn new(max_handles: usize, max_bytes: u64) -> Self {
-        Tensors { backend: ActiveBackend::default(), live_handles: 0, live_bytes: 0, peak_bytes: 0, max_handles, max_bytes }
+        Tensors { backend: ActiveBackend::default(), live_handles: 0, live_bytes: 0, peak_bytes: 0, max_handles, max_bytes, batch: None, template_ops: 0, template_runs: 0 }
     }
 }
 
@@ -221,17 +229,25 @@ macro_rules! check {
 }
 
 impl HostState {
+    /// The array behind a handle: one in the store's table, or a result of the running batch.
+    fn entry(&self, h: &Handle) -> wasmtime::Result<&TensorHandle> {
+        match batch::index(h) {
+            Some(i) => batch::entry(&self.tensors, i),
+            None => Ok(self.table.get(h)?),
+        }
+    }
+
     pub(crate) fn array(&self, h: &Handle) -> wasmtime::Result<&BackendArray> {
-        Ok(&self.table.get(h)?.array)
+        Ok(&self.entry(h)?.array)
     }
 
     /// The shape the checks consult (borrowed: an op reads several per call).
     fn shape_of(&self, h: &Handle) -> wasmtime::Result<&[i32]> {
-        Ok(self.tensors.backend.shape(&self.table.get(h)?.array))
+        Ok(self.tensors.backend.shape(&self.entry(h)?.array))
     }
 
     fn dtype_of(&self, h: &Handle) -> wasmtime::Result<DType> {
-        Ok(self.table.get(h)?.dtype)
+        Ok(self.entry(h)?.dtype)
     }
 
     /// Charges `bytes` (an op's result or intermediate) against the byte cap before the op is recorded.
@@ -275,7 +291,11 @@ impl HostState {
         t.live_handles += 1;
         t.live_bytes += bytes;
         t.peak_bytes = t.peak_bytes.max(t.live_bytes);
-        Ok(Ok(self.table.push(TensorHandle { array, dtype, bytes, known_range: None, blocks })?))
+        let handle = TensorHandle { array, dtype, bytes, known_range: None, blocks };
+        Ok(Ok(match &mut self.tensors.batch {
+            Some(results) => batch::add(results, handle),
+            None => self.table.push(handle)?,
+        }))
     }
 
     /// An op whose result has the shape and dtype of its input.
@@ -310,6 +330,20 @@ fn wider(a: DType, b: DType) -> DType {
     if a.size() >= b.size() { a } else { b }
 }
 
+impl wit::HostTemplate for HostState {
+    fn create(&mut self, ops: Vec<wit::Op>, keep: Vec<u32>) -> Outcome<Resource<template::Template>> {
+        template::create(self, ops, keep)
+    }
+
+    fn run(&mut self, template: Resource<template::Template>, inputs: Vec<Handle>, shift: u32) -> Outcome<Vec<Handle>> {
+        template::run(self, &template, inputs, shift)
+    }
+
+    fn drop(&mut self, template: Resource<template::Template>) -> wasmtime::Result<()> {
+        template::drop(self, template)
+    }
+}
+
 impl wit::HostArray for HostState {
     fn from_f32(&mut self, data: Vec<f32>, shape: Vec<u32>) -> Outcome<Handle> {
         let shape = check!(checks::from_guest(&shape));
@@ -331,7 +365,7 @@ impl wit::HostArray for HostState {
     }
 
     fn dtype(&mut self, a: Handle) -> wasmtime::Result<wit::Dtype> {
-        Ok(self.table.get(&a)?.contract_dtype())
+        Ok(self.entry(&a)?.contract_dtype())
     }
 
     fn drop(&mut self, a: Handle) -> wasmtime::Result<()> {
@@ -465,7 +499,7 @@ impl wit::Host for HostState {
         check!(self.charge_shape("take", &shape, self.dtype_of(&a)?)?);
         // MLX's CPU gather reads whatever an index points at: every index must lie inside the axis.
         let rows = a_shape[at] as i64;
-        let range = match self.table.get(&indices)?.known_range {
+        let range = match self.entry(&indices)?.known_range {
             Some(known) => Some(known),
             None => check!(self.tensors.backend.int_range(self.array(&indices)?)),
         };
@@ -526,6 +560,10 @@ impl wit::Host for HostState {
         check!(self.charge_shape("conv1d-depthwise", &out, wider(self.dtype_of(&x)?, self.dtype_of(&weight)?))?);
         let result = self.tensors.backend.conv1d_depthwise(self.array(&x)?, self.array(&weight)?);
         self.adopt(result)
+    }
+
+    fn record_batch(&mut self, inputs: Vec<Handle>, ops: Vec<wit::Op>, keep: Vec<u32>) -> Outcome<Vec<Handle>> {
+        batch::record(self, inputs, &ops, &keep, 0)
     }
 
     fn eval(&mut self, arrays: Vec<Handle>) -> Outcome<()> {

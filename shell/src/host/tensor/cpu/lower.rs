@@ -143,6 +143,19 @@ unsafe fn whole_source(t: T) -> T {
     }
 }
 
+/// ggml's `ggml_is_padded_1d`, which some kernels assert (scale, add1): strides packed over every
+/// dimension, even those of size 1 that `ggml_is_contiguous` overlooks (a permuted view of one head).
+///
+/// # Safety
+/// `t` is a tensor of a live context.
+unsafe fn padded_1d(t: T) -> bool {
+    // SAFETY: per the contract above.
+    unsafe {
+        let (ne, nb) = ((*t).ne, (*t).nb);
+        nb[0] == g::ggml_type_size((*t).type_) && nb[2] == nb[1] * ne[1] as usize && nb[3] == nb[2] * ne[2] as usize
+    }
+}
+
 /// One ggml graph, its tensor headers in the runner's context or (a very large graph) its own.
 struct Graph {
     ctx: *mut g::ggml_context,
@@ -346,7 +359,7 @@ impl Graph {
                 _ if quantized(t) => self.dequantize(t)?,
                 _ => return Err("the cpu backend computes with float or int32 arrays only (cast uint8 first)".into()),
             };
-            Ok(if g::ggml_is_contiguous(t) { t } else { g::ggml_cont(self.ctx, t) })
+            Ok(if g::ggml_is_contiguous(t) && padded_1d(t) { t } else { g::ggml_cont(self.ctx, t) })
         }
     }
 

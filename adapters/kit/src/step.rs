@@ -1,0 +1,210 @@
+//! Decode steps recorded once and run again by the shell (the contract's `tensor.template`).
+//!
+//! A decode step (one token after the cache, last position's logits) records the same ~600 ops at every
+//! position: only the rotary offsets and the sliding windows' query offsets move with it, and the caches
+//! it reads are the ones the step before left. So once two consecutive steps have recorded the same op
+//! list (those offsets aside, each at its own position), the list becomes a template: each later step is
+//! one `run` with the token's ids, the caches and how far on it is, and model code does not run at all.
+//!
+//! Anything else that changes between positions shows up as a difference in the comparison, and such a
+//! step is never replayed. What changes only now and then is the caches' compaction (a bounded history
+//! drops old positions every [`COMPACT_STEP`](crate::nn::COMPACT_STEP) tokens, and a sliding window's
+//! key offset moves with it): a step that would compact, or a cache compacted since the template was
+//! made, is recorded by model code again.
+
+use crate::adapter::Graph;
+use crate::nn::{self, History};
+use crate::ops::{self, Batch, Tensor};
+use crate::wit::edgechat::adapter::tensor::{Array, BatchMask, Op, Template};
+
+/// A cache's decode template, once it has one, and the last step recorded as a candidate for it.
+#[derive(Default)]
+pub struct Replay {
+    candidate: Option<Recorded>,
+    template: Option<Kept>,
+}
+
+impl Replay {
+    /// Forgets both: the cache was changed other than by a decode step.
+    pub fn forget(&mut self) {
+        *self = Replay::default();
+    }
+}
+
+/// Where a step's input comes from.
+#[derive(Clone)]
+enum Slot {
+    /// The same tensor every step (a weight).
+    Fixed(Tensor),
+    /// The step's token ids.
+    Tokens,
+    /// The current data of the cache's history at this index.
+    History(usize),
+}
+
+impl PartialEq for Slot {
+    fn eq(&self, other: &Slot) -> bool {
+        match (self, other) {
+            (Slot::Fixed(a), Slot::Fixed(b)) => a.same(b),
+            (Slot::Tokens, Slot::Tokens) => true,
+            (Slot::History(a), Slot::History(b)) => a == b,
+            _ => false,
+        }
+    }
+}
+
+/// One decode step as model code recorded it.
+struct Recorded {
+    position: u32,
+    ops: Vec<Op>,
+    /// The logits' value, then each history's new data.
+    keep: Vec<u32>,
+    inputs: Vec<Slot>,
+    /// Each history's first position (compaction moves it).
+    starts: Vec<u32>,
+}
+
+/// A template the shell holds, and what its inputs and results are.
+struct Kept {
+    template: Template,
+    position: u32,
+    inputs: Vec<Slot>,
+    starts: Vec<u32>,
+}
+
+/// The logits of `token` after what `cache` holds, advancing the cache: by the template when it has a
+/// usable one, else by model code (and then this step may complete a template).
+pub fn decode<G: Graph>(graph: &G, token: u32, cache: &mut G::Cache, replay: &mut Replay) -> Result<Array, String> {
+    let position = G::cache_length(cache);
+    let ids = nn::token_ids(&[token])?;
+    if let Some(kept) = &replay.template {
+        if let Some(logits) = kept.run(position, &ids, &mut G::histories(cache))? {
+            return Ok(logits);
+        }
+        replay.forget();
+    }
+    ops::flush()?;
+    let sent = ops::batches_sent();
+    let before: Vec<(Option<Tensor>, u32, u32)> = G::histories(cache).iter().map(|h| (h.data().cloned(), h.start(), h.end())).collect();
+    let logits = graph.forward(&[token], &ids, cache, false)?;
+    let batch = ops::take_batch();
+    let recorded = if ops::batches_sent() == sent {
+        Recorded::capture(&batch, position, &ids, &logits, &before, &G::histories(cache))
+    } else {
+        None // model code sent part of the step itself (it asked for a shape, say)
+    };
+    ops::send(batch)?;
+    let logits = logits.into_array()?;
+    replay.candidate = match (replay.candidate.take(), recorded) {
+        (Some(last), Some(this)) if this.repeats(&last) => {
+            replay.template = Some(this.keep()?);
+            None
+        }
+        (_, this) => this,
+    };
+    Ok(logits)
+}
+
+impl Recorded {
+    /// The step in `batch`, if it is one a template can repeat: every history was there before, grew by
+    /// one position and was not compacted, and what the batch keeps is exactly the logits and the
+    /// histories' new data.
+    fn capture(batch: &Batch, position: u32, ids: &Tensor, logits: &Tensor, before: &[(Option<Tensor>, u32, u32)], after: &[&mut History]) -> Option<Recorded> {
+        let mut keep = vec![logits.pending_value()?];
+        for ((old, start, end), now) in before.iter().zip(after) {
+            if old.is_none() || now.start() != *start || now.end() != end + 1 {
+                return None;
+            }
+            keep.push(now.data()?.pending_value()?);
+        }
+        let mut held = batch.held();
+        let mut kept = keep.clone();
+        held.sort_unstable();
+        kept.sort_unstable();
+        if held != kept {
+            return None;
+        }
+        let inputs = batch
+            .inputs
+            .iter()
+            .map(|t| {
+                if t.same(ids) {
+                    return Slot::Tokens;
+                }
+                match before.iter().position(|(old, ..)| old.as_ref().is_some_and(|old| old.same(t))) {
+                    Some(i) => Slot::History(i),
+                    None => Slot::Fixed(t.clone()),
+                }
+            })
+            .collect();
+        let starts = before.iter().map(|(_, start, _)| *start).collect();
+        Some(Recorded { position, ops: batch.ops.clone(), keep, inputs, starts })
+    }
+
+    /// Whether this step, recorded one position after `last`, made the same ops from the same inputs.
+    fn repeats(&self, last: &Recorded) -> bool {
+        self.position == last.position + 1
+            && self.keep == last.keep
+            && self.inputs == last.inputs
+            && self.starts == last.starts
+            && self.ops.len() == last.ops.len()
+            && self.ops.iter().zip(&last.ops).all(|(op, earlier)| same_op(op, shifted(earlier, 1).as_ref()))
+    }
+
+    fn keep(self) -> Result<Kept, String> {
+        let template = Template::create(&self.ops, &self.keep)?;
+        Ok(Kept { template, position: self.position, inputs: self.inputs, starts: self.starts })
+    }
+}
+
+impl Kept {
+    /// Runs the template at `position`, advancing the histories; None when this step cannot be a repeat
+    /// (a cache was trimmed or compacted since, or this step would compact one).
+    fn run(&self, position: u32, ids: &Tensor, histories: &mut [&mut History]) -> Result<Option<Array>, String> {
+        let usable = position > self.position
+            && histories.len() == self.starts.len()
+            && histories.iter().zip(&self.starts).all(|(h, &start)| h.data().is_some() && h.start() == start && !h.compacts_after(1));
+        if !usable {
+            return Ok(None);
+        }
+        let inputs: Vec<Tensor> = self
+            .inputs
+            .iter()
+            .map(|slot| match slot {
+                Slot::Fixed(t) => Ok(t.clone()),
+                Slot::Tokens => Ok(ids.clone()),
+                Slot::History(i) => histories[*i].data().cloned().ok_or_else(|| "a history emptied".to_owned()),
+            })
+            .collect::<Result<_, String>>()?;
+        let arrays = inputs.iter().map(|t| t.array()).collect::<Result<Vec<_>, String>>()?;
+        let refs: Vec<&Array> = arrays.iter().map(|a| &**a).collect();
+        let mut results = self.template.run(&refs, position - self.position)?.into_iter();
+        drop(arrays);
+        let logits = results.next().ok_or("the template returned no logits")?;
+        for (history, data) in histories.iter_mut().zip(results) {
+            history.advance(Tensor::from_array(data), 1);
+        }
+        Ok(Some(logits))
+    }
+}
+
+/// Whether two ops are the same, fields and all (the bindings' ops compare only as their Debug text,
+/// which writes every field, floats exactly).
+fn same_op(op: &Op, other: Option<&Op>) -> bool {
+    other.is_some_and(|other| format!("{op:?}") == format!("{other:?}"))
+}
+
+/// `op` as recorded `shift` positions further on (what the shell's `run` does to it).
+fn shifted(op: &Op, shift: u32) -> Option<Op> {
+    let mut op = op.clone();
+    match &mut op {
+        Op::Rope((_, params)) => params.offset = params.offset.checked_add(shift)?,
+        Op::Attention(args) => {
+            if let BatchMask::SlidingWindow(window) = &mut args.mask {
+                window.query_offset = window.query_offset.checked_add(shift)?;
+            }
+        }
+        _ => {}
+    }
+    Some(op)
+}

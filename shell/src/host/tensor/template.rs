@@ -1,0 +1,138 @@
+//! `template`: an op list the shell keeps and records again per token. An adapter records a decode step
+//! once; for each later token it passes that token's inputs (its ids, the caches the last step left) and
+//! how many positions further on it is, and the shell records the same ops through [`batch::record`], so
+//! each op is checked, charged and refused exactly as its single call would be. The adapter's own code
+//! does not run again, and the step crosses the boundary in one call instead of ~1 100.
+
+use super::batch;
+use super::wit::Op;
+use super::Handle;
+use crate::host::HostState;
+use wasmtime::component::Resource;
+
+type Outcome<T> = wasmtime::Result<Result<T, String>>;
+
+/// The ops all of an instance's live templates may hold together (a Gemma 3 decode step is ~600; an
+/// adapter keeps one or two per conversation). A template costs its ops' memory until dropped.
+pub const MAX_TEMPLATE_OPS: usize = 1 << 20;
+
+pub struct Template {
+    ops: Vec<Op>,
+    keep: Vec<u32>,
+}
+
+pub(super) fn create(state: &mut HostState, ops: Vec<Op>, keep: Vec<u32>) -> Outcome<Resource<Template>> {
+    let t = &mut state.tensors;
+    if t.template_ops.saturating_add(ops.len()) > MAX_TEMPLATE_OPS {
+        return Ok(Err(format!(
+            "template: {} more ops would exceed the {MAX_TEMPLATE_OPS} that live templates may hold ({} held)",
+            ops.len(),
+            t.template_ops
+        )));
+    }
+    if t.live_handles >= t.max_handles {
+        wasmtime::bail!("adapter exceeded the limit of {} live tensor handles", t.max_handles);
+    }
+    t.template_ops += ops.len();
+    t.live_handles += 1;
+    Ok(Ok(state.table.push(Template { ops, keep })?))
+}
+
+pub(super) fn run(state: &mut HostState, template: &Resource<Template>, inputs: Vec<Handle>, shift: u32) -> Outcome<Vec<Handle>> {
+    // Taken out while they are recorded (recording needs the whole state) and put back after.
+    let kept = state.table.get_mut(template)?;
+    let (ops, keep) = (std::mem::take(&mut kept.ops), std::mem::take(&mut kept.keep));
+    state.tensors.template_runs += 1;
+    let result = batch::record(state, inputs, &ops, &keep, shift);
+    let kept = state.table.get_mut(template)?;
+    (kept.ops, kept.keep) = (ops, keep);
+    result
+}
+
+pub(super) fn drop(state: &mut HostState, template: Resource<Template>) -> wasmtime::Result<()> {
+    let template = state.table.delete(template)?;
+    state.tensors.template_ops -= template.ops.len();
+    state.tensors.live_handles -= 1;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::wit::{self, HostArray, HostTemplate, RopeParams};
+    use super::super::Backend;
+    use super::*;
+    use crate::host::Limits;
+
+    fn host() -> HostState {
+        HostState::new("test", &Limits::default())
+    }
+
+    fn rope(offset: u32) -> Op {
+        Op::Rope((0, RopeParams { dims: 4, traditional: false, base: 10_000.0, scale: 1.0, offset }))
+    }
+
+    fn values(state: &mut HostState, h: &Handle) -> Vec<f32> {
+        let a = state.array(h).unwrap();
+        state.tensors.backend.read_f32(a).unwrap()
+    }
+
+    /// x [1, 1, 2, 4]: two positions of one head.
+    fn input(state: &mut HostState) -> Handle {
+        let data: Vec<f32> = (0..8).map(|i| i as f32 * 0.25 - 1.0).collect();
+        HostArray::from_f32(state, data, vec![1, 1, 2, 4]).unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_run_is_the_recorded_step_shifted_and_releases_what_it_does_not_keep() {
+        let mut state = host();
+        let x = input(&mut state);
+        let template = HostTemplate::create(&mut state, vec![Op::Input(0), rope(3), Op::Scale((1, 2.0))], vec![2]).unwrap().unwrap();
+        let handles = state.tensors.live_handles;
+        let ran = HostTemplate::run(&mut state, Resource::new_borrow(template.rep()), vec![Resource::new_borrow(x.rep())], 2).unwrap().unwrap();
+        assert_eq!(ran.len(), 1);
+        assert_eq!(state.tensors.live_handles, handles + 1, "only the kept result stays");
+        let params = RopeParams { dims: 4, traditional: false, base: 10_000.0, scale: 1.0, offset: 5 };
+        let direct = wit::Host::rope(&mut state, Resource::new_borrow(x.rep()), params).unwrap().unwrap();
+        let direct = wit::Host::scale(&mut state, direct, 2.0).unwrap().unwrap();
+        assert_eq!(values(&mut state, &ran[0]), values(&mut state, &direct));
+        assert_eq!(state.tensors.template_runs, 1);
+    }
+
+    #[test]
+    fn hostile_templates_are_refused_by_name() {
+        let mut state = host();
+        let x = input(&mut state);
+        let run = |state: &mut HostState, ops: Vec<Op>, keep: Vec<u32>, inputs: Vec<u32>, shift: u32| {
+            let template = HostTemplate::create(state, ops, keep).unwrap().unwrap();
+            let inputs = inputs.into_iter().map(Resource::new_borrow).collect();
+            let result = HostTemplate::run(state, Resource::new_borrow(template.rep()), inputs, shift).unwrap();
+            HostTemplate::drop(state, template).unwrap();
+            result.map(|kept| kept.len()).unwrap_err()
+        };
+        let live = state.tensors.live_handles;
+        let error = run(&mut state, vec![Op::Input(1)], vec![], vec![x.rep()], 0);
+        assert!(error.contains("op 0 (input): input 1 does not exist"), "{error}");
+        let error = run(&mut state, vec![Op::Input(0), Op::Tanh(5)], vec![], vec![x.rep()], 0);
+        assert!(error.contains("op 1 (tanh): value 5 is not the result of an earlier op"), "{error}");
+        let error = run(&mut state, vec![Op::Input(0), Op::Tanh(0)], vec![0], vec![x.rep()], 0);
+        assert!(error.contains("an input"), "{error}");
+        let error = run(&mut state, vec![Op::Input(0), Op::Tanh(0)], vec![1, 1], vec![x.rep()], 0);
+        assert!(error.contains("twice"), "{error}");
+        let error = run(&mut state, vec![Op::Input(0), rope(3)], vec![1], vec![x.rep()], u32::MAX);
+        assert!(error.contains("op 1 (rope): position 3 + 4294967295 overflows"), "{error}");
+        assert_eq!(state.tensors.live_handles, live, "a refused run leaves nothing behind");
+        assert_eq!(state.tensors.template_ops, 0, "dropped templates give their ops back");
+    }
+
+    #[test]
+    fn the_ops_live_templates_hold_are_capped() {
+        let mut state = host();
+        let half = vec![Op::Tanh(0); MAX_TEMPLATE_OPS / 2];
+        let first = HostTemplate::create(&mut state, half.clone(), vec![]).unwrap().unwrap();
+        let _second = HostTemplate::create(&mut state, half.clone(), vec![]).unwrap().unwrap();
+        let refused = HostTemplate::create(&mut state, vec![Op::Tanh(0)], vec![]).unwrap().map(|_| ()).unwrap_err();
+        assert!(refused.contains("would exceed"), "{refused}");
+        HostTemplate::drop(&mut state, first).unwrap();
+        assert!(HostTemplate::create(&mut state, half, vec![]).unwrap().is_ok(), "dropping a template frees its share");
+    }
+}
