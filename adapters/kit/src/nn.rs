@@ -182,6 +182,11 @@ impl History {
         self.keep.is_some_and(|keep| self.end + count - self.start > keep + COMPACT_STEP)
     }
 
+    /// The data, taken out (to be given up to a template run, which [`History::advance`]s after).
+    pub fn take_data(&mut self) -> Option<Tensor> {
+        self.data.take()
+    }
+
     /// What [`History::append`] and a [`History::compact`] that drops nothing leave, from a replayed
     /// step: `data` is the whole history, `count` positions longer.
     pub fn advance(&mut self, data: Tensor, count: u32) {

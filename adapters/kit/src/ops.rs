@@ -150,6 +150,11 @@ impl Tensor {
         Ok(Tensor::from_array(Array::from_i32(data, shape)?))
     }
 
+    /// Whether nothing else holds this tensor.
+    pub fn sole(&self) -> bool {
+        Rc::strong_count(&self.0) == 1
+    }
+
     /// Whether both name the same tensor.
     pub fn same(&self, other: &Tensor) -> bool {
         Rc::ptr_eq(&self.0, &other.0)

@@ -64,7 +64,7 @@ struct Recorded {
     starts: Vec<u32>,
 }
 
-/// A template the shell holds, and what its inputs and results are.
+/// A template the shell holds, and what the inputs each run gives are (the fixed ones it holds itself).
 struct Kept {
     template: Template,
     position: u32,
@@ -78,8 +78,8 @@ pub fn decode<G: Graph>(graph: &G, token: u32, cache: &mut G::Cache, replay: &mu
     let position = G::cache_length(cache);
     let ids = nn::token_ids(&[token])?;
     if let Some(kept) = &replay.template {
-        if let Some(logits) = kept.run(position, &ids, &mut G::histories(cache))? {
-            return Ok(logits);
+        if kept.usable(position, &G::histories(cache)) {
+            return kept.run(position, ids, &mut G::histories(cache));
         }
         replay.forget();
     }
@@ -151,40 +151,50 @@ impl Recorded {
             && self.ops.iter().zip(&last.ops).all(|(op, earlier)| same_op(op, shifted(earlier, 1).as_ref()))
     }
 
+    /// The template: fixed inputs first (the shell holds them), then those each run gives, renumbered so.
     fn keep(self) -> Result<Kept, String> {
-        let template = Template::create(&self.ops, &self.keep)?;
-        Ok(Kept { template, position: self.position, inputs: self.inputs, starts: self.starts })
+        let (fixed, given): (Vec<usize>, Vec<usize>) = (0..self.inputs.len()).partition(|&i| matches!(self.inputs[i], Slot::Fixed(_)));
+        let mut number = vec![0; self.inputs.len()];
+        for (n, &i) in fixed.iter().chain(&given).enumerate() {
+            number[i] = n as u32;
+        }
+        let ops: Vec<Op> = self.ops.into_iter().map(|op| if let Op::Input(i) = op { Op::Input(number[i as usize]) } else { op }).collect();
+        let fixed_tensors: Vec<&Tensor> = fixed.iter().filter_map(|&i| if let Slot::Fixed(t) = &self.inputs[i] { Some(t) } else { None }).collect();
+        let arrays = fixed_tensors.iter().map(|t| t.array()).collect::<Result<Vec<_>, String>>()?;
+        let template = Template::create(&arrays.iter().map(|a| &**a).collect::<Vec<_>>(), &ops, &self.keep)?;
+        let inputs = given.iter().map(|&i| self.inputs[i].clone()).collect();
+        Ok(Kept { template, position: self.position, inputs, starts: self.starts })
     }
 }
 
 impl Kept {
-    /// Runs the template at `position`, advancing the histories; None when this step cannot be a repeat
-    /// (a cache was trimmed or compacted since, or this step would compact one).
-    fn run(&self, position: u32, ids: &Tensor, histories: &mut [&mut History]) -> Result<Option<Array>, String> {
-        let usable = position > self.position
+    /// Whether the step at `position` repeats the template: no history was trimmed or compacted since
+    /// (nor would this step compact one), and nothing but the cache holds their data (a run gives it up).
+    fn usable(&self, position: u32, histories: &[&mut History]) -> bool {
+        position > self.position
             && histories.len() == self.starts.len()
-            && histories.iter().zip(&self.starts).all(|(h, &start)| h.data().is_some() && h.start() == start && !h.compacts_after(1));
-        if !usable {
-            return Ok(None);
+            && histories.iter().zip(&self.starts).all(|(h, &start)| h.data().is_some_and(Tensor::sole) && h.start() == start && !h.compacts_after(1))
+    }
+
+    /// Runs the template at `position` (see [`Kept::usable`]), advancing the histories.
+    fn run(&self, position: u32, ids: Tensor, histories: &mut [&mut History]) -> Result<Array, String> {
+        // The run gives up the token ids and the histories' data it replaces.
+        let mut ids = Some(ids);
+        let mut inputs = Vec::with_capacity(self.inputs.len());
+        for slot in &self.inputs {
+            let tensor = match slot {
+                Slot::Tokens => ids.take().ok_or("the token ids are used twice")?,
+                Slot::History(i) => histories[*i].take_data().ok_or("a history emptied")?,
+                Slot::Fixed(_) => return Err("a fixed input among those given".into()),
+            };
+            inputs.push(tensor.into_array()?);
         }
-        let inputs: Vec<Tensor> = self
-            .inputs
-            .iter()
-            .map(|slot| match slot {
-                Slot::Fixed(t) => Ok(t.clone()),
-                Slot::Tokens => Ok(ids.clone()),
-                Slot::History(i) => histories[*i].data().cloned().ok_or_else(|| "a history emptied".to_owned()),
-            })
-            .collect::<Result<_, String>>()?;
-        let arrays = inputs.iter().map(|t| t.array()).collect::<Result<Vec<_>, String>>()?;
-        let refs: Vec<&Array> = arrays.iter().map(|a| &**a).collect();
-        let mut results = self.template.run(&refs, position - self.position)?.into_iter();
-        drop(arrays);
+        let mut results = self.template.run(inputs, position - self.position)?.into_iter();
         let logits = results.next().ok_or("the template returned no logits")?;
         for (history, data) in histories.iter_mut().zip(results) {
             history.advance(Tensor::from_array(data), 1);
         }
-        Ok(Some(logits))
+        Ok(logits)
     }
 }
 

@@ -122,6 +122,7 @@ impl ActiveBackend {
     }
 }
 
+#[derive(Clone)]
 pub enum AnyArray {
     Cpu(cpu::Array),
     Mlx(mlx_rs::Array),
