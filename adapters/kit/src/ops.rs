@@ -5,7 +5,8 @@
 //! result is needed: read back, asked for its shape, or returned to the shell. The host keeps only the
 //! results some [`Tensor`] still holds then; intermediate results never get a handle, so they cost no
 //! call to make and none to drop. (A Gemma 3 decode step is ~550 ops: as single calls, crossing and
-//! dropping them took longer than the host's own work.)
+//! dropping them took longer than the host's own work.) A decode step's batch can become a template
+//! the shell runs again for later steps ([`step`](crate::step)).
 //!
 //! A batch the host refuses fails at the call that sent it, with the host's message naming the op; the
 //! results it would have made report that message when used again.

@@ -64,10 +64,11 @@ struct Recorded {
     starts: Vec<u32>,
 }
 
-/// A template the shell holds, and what the inputs each run gives are (the fixed ones it holds itself).
+/// A template the shell holds, the arrays every run reads, and what the inputs each run gives up are.
 struct Kept {
     template: Template,
     position: u32,
+    fixed: Vec<Tensor>,
     inputs: Vec<Slot>,
     starts: Vec<u32>,
 }
@@ -151,7 +152,7 @@ impl Recorded {
             && self.ops.iter().zip(&last.ops).all(|(op, earlier)| same_op(op, shifted(earlier, 1).as_ref()))
     }
 
-    /// The template: fixed inputs first (the shell holds them), then those each run gives, renumbered so.
+    /// The template: fixed inputs first, then those each run gives up, renumbered so.
     fn keep(self) -> Result<Kept, String> {
         let (fixed, given): (Vec<usize>, Vec<usize>) = (0..self.inputs.len()).partition(|&i| matches!(self.inputs[i], Slot::Fixed(_)));
         let mut number = vec![0; self.inputs.len()];
@@ -159,11 +160,10 @@ impl Recorded {
             number[i] = n as u32;
         }
         let ops: Vec<Op> = self.ops.into_iter().map(|op| if let Op::Input(i) = op { Op::Input(number[i as usize]) } else { op }).collect();
-        let fixed_tensors: Vec<&Tensor> = fixed.iter().filter_map(|&i| if let Slot::Fixed(t) = &self.inputs[i] { Some(t) } else { None }).collect();
-        let arrays = fixed_tensors.iter().map(|t| t.array()).collect::<Result<Vec<_>, String>>()?;
-        let template = Template::create(&arrays.iter().map(|a| &**a).collect::<Vec<_>>(), &ops, &self.keep)?;
+        let fixed = fixed.iter().filter_map(|&i| if let Slot::Fixed(t) = &self.inputs[i] { Some(t.clone()) } else { None }).collect();
+        let template = Template::create(&ops, &self.keep)?;
         let inputs = given.iter().map(|&i| self.inputs[i].clone()).collect();
-        Ok(Kept { template, position: self.position, inputs, starts: self.starts })
+        Ok(Kept { template, position: self.position, fixed, inputs, starts: self.starts })
     }
 }
 
@@ -189,7 +189,9 @@ impl Kept {
             };
             inputs.push(tensor.into_array()?);
         }
-        let mut results = self.template.run(inputs, position - self.position)?.into_iter();
+        let fixed = self.fixed.iter().map(|t| t.array()).collect::<Result<Vec<_>, String>>()?;
+        let fixed: Vec<&Array> = fixed.iter().map(|a| &**a).collect();
+        let mut results = self.template.run(&fixed, inputs, position - self.position)?.into_iter();
         let logits = results.next().ok_or("the template returned no logits")?;
         for (history, data) in histories.iter_mut().zip(results) {
             history.advance(Tensor::from_array(data), 1);

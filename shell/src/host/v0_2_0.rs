@@ -1,5 +1,6 @@
-//! Contract 0.2.0, served by the latest contract's host code. 0.3.0 only added `tensor.record-batch`, so
-//! every 0.2.0 import is the latest's under other Rust types; they are converted field for field.
+//! Contract 0.2.0, served by the latest contract's host code. 0.3.0 only added `tensor.record-batch` and
+//! `tensor.template`, so every 0.2.0 import is the latest's under other Rust types; they are converted
+//! field for field.
 //! (`host::v0_1_0` serves 0.1.0 through these.)
 
 use crate::adapter::bindings::v0_2_0::edgechat::adapter::{log as old_log, net as old_net, tensor as old, weights as old_weights};

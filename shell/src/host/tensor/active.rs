@@ -122,7 +122,6 @@ impl ActiveBackend {
     }
 }
 
-#[derive(Clone)]
 pub enum AnyArray {
     Cpu(cpu::Array),
     Mlx(mlx_rs::Array),

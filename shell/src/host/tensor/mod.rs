@@ -136,7 +136,6 @@ pub const MAX_READ_ELEMENTS: usize = 16 << 20;
 
 /// A live array handle, with its dtype (read from the backend once, when it is adopted: the checks
 /// consult it on every op; the shape is the array's own) and the bytes it was charged.
-#[derive(Clone)]
 pub struct TensorHandle {
     pub array: BackendArray,
     dtype: DType,
@@ -299,21 +298,6 @@ impl HostState {
         }))
     }
 
-    /// A second handle to the array `h` names, charged as a handle of its own.
-    pub(crate) fn duplicate(&mut self, h: &Handle) -> wasmtime::Result<Handle> {
-        let copy = self.entry(h)?.clone();
-        let t = &mut self.tensors;
-        if t.live_handles >= t.max_handles {
-            wasmtime::bail!("adapter exceeded the limit of {} live tensor handles", t.max_handles);
-        }
-        self.charge("a template's array", copy.bytes)?;
-        let t = &mut self.tensors;
-        t.live_handles += 1;
-        t.live_bytes += copy.bytes;
-        t.peak_bytes = t.peak_bytes.max(t.live_bytes);
-        Ok(self.table.push(copy)?)
-    }
-
     /// An op whose result has the shape and dtype of its input.
     fn unary(&mut self, op: &str, a: Handle, f: impl FnOnce(&ActiveBackend, &BackendArray) -> OpResult<BackendArray>) -> Outcome<Handle> {
         check!(self.charge_shape(op, self.shape_of(&a)?, self.dtype_of(&a)?)?);
@@ -347,12 +331,12 @@ fn wider(a: DType, b: DType) -> DType {
 }
 
 impl wit::HostTemplate for HostState {
-    fn create(&mut self, fixed: Vec<Handle>, ops: Vec<wit::Op>, keep: Vec<u32>) -> Outcome<Resource<template::Template>> {
-        template::create(self, fixed, ops, keep)
+    fn create(&mut self, ops: Vec<wit::Op>, keep: Vec<u32>) -> Outcome<Resource<template::Template>> {
+        template::create(self, ops, keep)
     }
 
-    fn run(&mut self, template: Resource<template::Template>, inputs: Vec<Handle>, shift: u32) -> Outcome<Vec<Handle>> {
-        template::run(self, &template, inputs, shift)
+    fn run(&mut self, template: Resource<template::Template>, fixed: Vec<Handle>, inputs: Vec<Handle>, shift: u32) -> Outcome<Vec<Handle>> {
+        template::run(self, &template, fixed, inputs, shift)
     }
 
     fn drop(&mut self, template: Resource<template::Template>) -> wasmtime::Result<()> {

@@ -17,13 +17,11 @@ type Outcome<T> = wasmtime::Result<Result<T, String>>;
 pub const MAX_TEMPLATE_OPS: usize = 1 << 20;
 
 pub struct Template {
-    /// The arrays every run reads (`input(n)` for n below their number): handles of the template's own.
-    fixed: Vec<Handle>,
     ops: Vec<Op>,
     keep: Vec<u32>,
 }
 
-pub(super) fn create(state: &mut HostState, fixed: Vec<Handle>, ops: Vec<Op>, keep: Vec<u32>) -> Outcome<Resource<Template>> {
+pub(super) fn create(state: &mut HostState, ops: Vec<Op>, keep: Vec<u32>) -> Outcome<Resource<Template>> {
     let t = &mut state.tensors;
     if t.template_ops.saturating_add(ops.len()) > MAX_TEMPLATE_OPS {
         return Ok(Err(format!(
@@ -35,24 +33,20 @@ pub(super) fn create(state: &mut HostState, fixed: Vec<Handle>, ops: Vec<Op>, ke
     if t.live_handles >= t.max_handles {
         wasmtime::bail!("adapter exceeded the limit of {} live tensor handles", t.max_handles);
     }
-    let mut owned = Vec::with_capacity(fixed.len());
-    for array in &fixed {
-        owned.push(state.duplicate(array)?);
-    }
-    state.tensors.template_ops += ops.len();
-    state.tensors.live_handles += 1;
-    Ok(Ok(state.table.push(Template { fixed: owned, ops, keep })?))
+    t.template_ops += ops.len();
+    t.live_handles += 1;
+    Ok(Ok(state.table.push(Template { ops, keep })?))
 }
 
-pub(super) fn run(state: &mut HostState, template: &Resource<Template>, inputs: Vec<Handle>, shift: u32) -> Outcome<Vec<Handle>> {
+pub(super) fn run(state: &mut HostState, template: &Resource<Template>, fixed: Vec<Handle>, inputs: Vec<Handle>, shift: u32) -> Outcome<Vec<Handle>> {
     // Taken out while they are recorded (recording needs the whole state) and put back after.
     let kept = state.table.get_mut(template)?;
-    let (fixed, ops, keep) = (std::mem::take(&mut kept.fixed), std::mem::take(&mut kept.ops), std::mem::take(&mut kept.keep));
+    let (ops, keep) = (std::mem::take(&mut kept.ops), std::mem::take(&mut kept.keep));
     state.tensors.template_runs += 1;
-    let all: Vec<Handle> = fixed.iter().chain(&inputs).map(|h| Resource::new_borrow(h.rep())).collect();
+    let all: Vec<Handle> = fixed.into_iter().chain(inputs.iter().map(|h| Resource::new_borrow(h.rep()))).collect();
     let result = batch::record(state, all, &ops, &keep, shift);
     let kept = state.table.get_mut(template)?;
-    (kept.fixed, kept.ops, kept.keep) = (fixed, ops, keep);
+    (kept.ops, kept.keep) = (ops, keep);
     // Given up: what the results need of them stays recorded through the results.
     for input in inputs {
         super::wit::HostArray::drop(state, input)?;
@@ -62,9 +56,6 @@ pub(super) fn run(state: &mut HostState, template: &Resource<Template>, inputs: 
 
 pub(super) fn drop(state: &mut HostState, template: Resource<Template>) -> wasmtime::Result<()> {
     let template = state.table.delete(template)?;
-    for array in template.fixed {
-        super::wit::HostArray::drop(state, array)?;
-    }
     state.tensors.template_ops -= template.ops.len();
     state.tensors.live_handles -= 1;
     Ok(())
@@ -101,9 +92,10 @@ mod tests {
         let mut state = host();
         let x = input(&mut state);
         let given = input(&mut state);
-        let template = HostTemplate::create(&mut state, vec![Resource::new_borrow(x.rep())], vec![Op::Input(1), rope(3), Op::Scale((1, 2.0))], vec![2]).unwrap().unwrap();
+        let template = HostTemplate::create(&mut state, vec![Op::Input(1), rope(3), Op::Scale((1, 2.0))], vec![2]).unwrap().unwrap();
         let handles = state.tensors.live_handles;
-        let ran = HostTemplate::run(&mut state, Resource::new_borrow(template.rep()), vec![given], 2).unwrap().unwrap();
+        let fixed = vec![Resource::new_borrow(x.rep())];
+        let ran = HostTemplate::run(&mut state, Resource::new_borrow(template.rep()), fixed, vec![given], 2).unwrap().unwrap();
         assert_eq!(ran.len(), 1);
         assert_eq!(state.tensors.live_handles, handles, "the kept result stays, the input given up goes");
         let params = RopeParams { dims: 4, traditional: false, base: 10_000.0, scale: 1.0, offset: 5 };
@@ -119,8 +111,8 @@ mod tests {
         let x = input(&mut state);
         let run = |state: &mut HostState, ops: Vec<Op>, keep: Vec<u32>, fixed: Vec<u32>, shift: u32| {
             let fixed = fixed.into_iter().map(Resource::new_borrow).collect();
-            let template = HostTemplate::create(state, fixed, ops, keep).unwrap().unwrap();
-            let result = HostTemplate::run(state, Resource::new_borrow(template.rep()), vec![], shift).unwrap();
+            let template = HostTemplate::create(state, ops, keep).unwrap().unwrap();
+            let result = HostTemplate::run(state, Resource::new_borrow(template.rep()), fixed, vec![], shift).unwrap();
             HostTemplate::drop(state, template).unwrap();
             result.map(|kept| kept.len()).unwrap_err()
         };
@@ -143,11 +135,11 @@ mod tests {
     fn the_ops_live_templates_hold_are_capped() {
         let mut state = host();
         let half = vec![Op::Tanh(0); MAX_TEMPLATE_OPS / 2];
-        let first = HostTemplate::create(&mut state, vec![], half.clone(), vec![]).unwrap().unwrap();
-        let _second = HostTemplate::create(&mut state, vec![], half.clone(), vec![]).unwrap().unwrap();
-        let refused = HostTemplate::create(&mut state, vec![], vec![Op::Tanh(0)], vec![]).unwrap().map(|_| ()).unwrap_err();
+        let first = HostTemplate::create(&mut state, half.clone(), vec![]).unwrap().unwrap();
+        let _second = HostTemplate::create(&mut state, half.clone(), vec![]).unwrap().unwrap();
+        let refused = HostTemplate::create(&mut state, vec![Op::Tanh(0)], vec![]).unwrap().map(|_| ()).unwrap_err();
         assert!(refused.contains("would exceed"), "{refused}");
         HostTemplate::drop(&mut state, first).unwrap();
-        assert!(HostTemplate::create(&mut state, vec![], half, vec![]).unwrap().is_ok(), "dropping a template frees its share");
+        assert!(HostTemplate::create(&mut state, half, vec![]).unwrap().is_ok(), "dropping a template frees its share");
     }
 }
