@@ -167,15 +167,15 @@ pub struct Tensors {
     pub max_bytes: u64,
     /// The results of the `record-batch` call running now (see [`batch`]).
     batch: Option<Vec<Option<TensorHandle>>>,
-    /// Ops held by live templates (see [`template`]).
-    template_ops: usize,
+    /// Memory held by live templates (see [`template`]).
+    template_bytes: usize,
     /// Templates run so far: the decode steps the adapter's own code did not record.
     pub template_runs: u64,
 }
 
 impl Tensors {
     pub fn new(max_handles: usize, max_bytes: u64) -> Self {
-        Tensors { backend: ActiveBackend::default(), live_handles: 0, live_bytes: 0, peak_bytes: 0, max_handles, max_bytes, batch: None, template_ops: 0, template_runs: 0 }
+        Tensors { backend: ActiveBackend::default(), live_handles: 0, live_bytes: 0, peak_bytes: 0, max_handles, max_bytes, batch: None, template_bytes: 0, template_runs: 0 }
     }
 }
 

@@ -12,30 +12,44 @@ use wasmtime::component::Resource;
 
 type Outcome<T> = wasmtime::Result<Result<T, String>>;
 
-/// The ops all of an instance's live templates may hold together (a Gemma 3 decode step is ~600; an
-/// adapter keeps one or two per conversation). A template costs its ops' memory until dropped.
-pub const MAX_TEMPLATE_OPS: usize = 1 << 20;
+/// The memory all of an instance's live templates may hold together, in bytes of ops and of the lists
+/// inside them (a Gemma 3 decode step is ~600 ops, ~60 KB; an adapter keeps one per conversation).
+pub const MAX_TEMPLATE_BYTES: usize = 64 << 20;
+
+/// What `op` costs to keep: itself and the lists it holds.
+fn bytes(op: &Op) -> usize {
+    let lists = match op {
+        Op::Reshape((_, shape)) => shape.len(),
+        Op::Transpose((_, axes)) => axes.len(),
+        Op::Slice((_, start, stop)) | Op::SliceUpdate((_, _, start, stop)) => start.len() + stop.len(),
+        Op::Concatenate((parts, _)) => parts.len(),
+        _ => 0,
+    };
+    std::mem::size_of::<Op>() + 4 * lists
+}
 
 pub struct Template {
     ops: Vec<Op>,
     keep: Vec<u32>,
+    /// What it is charged against [`MAX_TEMPLATE_BYTES`].
+    bytes: usize,
 }
 
 pub(super) fn create(state: &mut HostState, ops: Vec<Op>, keep: Vec<u32>) -> Outcome<Resource<Template>> {
+    let bytes = ops.iter().map(bytes).sum::<usize>() + 4 * keep.len();
     let t = &mut state.tensors;
-    if t.template_ops.saturating_add(ops.len()) > MAX_TEMPLATE_OPS {
+    if t.template_bytes.saturating_add(bytes) > MAX_TEMPLATE_BYTES {
         return Ok(Err(format!(
-            "template: {} more ops would exceed the {MAX_TEMPLATE_OPS} that live templates may hold ({} held)",
-            ops.len(),
-            t.template_ops
+            "template: {bytes} more bytes of ops would exceed the {MAX_TEMPLATE_BYTES} that live templates may hold ({} held)",
+            t.template_bytes
         )));
     }
     if t.live_handles >= t.max_handles {
         wasmtime::bail!("adapter exceeded the limit of {} live tensor handles", t.max_handles);
     }
-    t.template_ops += ops.len();
+    t.template_bytes += bytes;
     t.live_handles += 1;
-    Ok(Ok(state.table.push(Template { ops, keep })?))
+    Ok(Ok(state.table.push(Template { ops, keep, bytes })?))
 }
 
 pub(super) fn run(state: &mut HostState, template: &Resource<Template>, fixed: Vec<Handle>, inputs: Vec<Handle>, shift: u32) -> Outcome<Vec<Handle>> {
@@ -56,7 +70,7 @@ pub(super) fn run(state: &mut HostState, template: &Resource<Template>, fixed: V
 
 pub(super) fn drop(state: &mut HostState, template: Resource<Template>) -> wasmtime::Result<()> {
     let template = state.table.delete(template)?;
-    state.tensors.template_ops -= template.ops.len();
+    state.tensors.template_bytes -= template.bytes;
     state.tensors.live_handles -= 1;
     Ok(())
 }
@@ -128,18 +142,19 @@ mod tests {
         let error = run(&mut state, vec![Op::Input(0), rope(3)], vec![1], vec![x.rep()], u32::MAX);
         assert!(error.contains("op 1 (rope): position 3 + 4294967295 overflows"), "{error}");
         assert_eq!(state.tensors.live_handles, live, "a refused run leaves nothing behind");
-        assert_eq!(state.tensors.template_ops, 0, "dropped templates give their ops back");
+        assert_eq!(state.tensors.template_bytes, 0, "dropped templates give their memory back");
     }
 
     #[test]
-    fn the_ops_live_templates_hold_are_capped() {
+    fn the_memory_live_templates_hold_is_capped() {
         let mut state = host();
-        let half = vec![Op::Tanh(0); MAX_TEMPLATE_OPS / 2];
-        let first = HostTemplate::create(&mut state, half.clone(), vec![]).unwrap().unwrap();
-        let _second = HostTemplate::create(&mut state, half.clone(), vec![]).unwrap().unwrap();
-        let refused = HostTemplate::create(&mut state, vec![Op::Tanh(0)], vec![]).unwrap().map(|_| ()).unwrap_err();
+        // Ops with long lists (here a reshape to 100 000 axes each) count at what they hold.
+        let heavy = vec![Op::Reshape((0, vec![1; 100_000])); 100];
+        let first = HostTemplate::create(&mut state, heavy.clone(), vec![]).unwrap().unwrap();
+        let refused = HostTemplate::create(&mut state, heavy.clone(), vec![]).unwrap().map(|_| ()).unwrap_err();
         assert!(refused.contains("would exceed"), "{refused}");
         HostTemplate::drop(&mut state, first).unwrap();
-        assert!(HostTemplate::create(&mut state, half, vec![]).unwrap().is_ok(), "dropping a template frees its share");
+        assert!(HostTemplate::create(&mut state, heavy, vec![]).unwrap().is_ok(), "dropping a template frees its share");
+        assert_eq!(state.tensors.template_runs, 0);
     }
 }
