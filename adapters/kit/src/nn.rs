@@ -3,7 +3,7 @@
 //! so a conversation can be resumed from a shared prefix.
 
 use crate::ops::{self as tensor, Mask, Tensor};
-use crate::wit::edgechat::adapter::tensor::{Dtype, RopeParams, WindowMask};
+use crate::wit::edgechat::adapter::tensor::{Array, Dtype, RopeParams, WindowMask};
 use crate::wit::edgechat::adapter::weights;
 
 pub use crate::ops::R;
@@ -182,16 +182,12 @@ impl History {
         self.keep.is_some_and(|keep| self.end + count - self.start > keep + COMPACT_STEP)
     }
 
-    /// The data, taken out (to be given up to a template run, which [`History::advance`]s after).
-    pub fn take_data(&mut self) -> Option<Tensor> {
-        self.data.take()
-    }
-
     /// What [`History::append`] and a [`History::compact`] that drops nothing leave, from a replayed
-    /// step: `data` is the whole history, `count` positions longer.
-    pub fn advance(&mut self, data: Tensor, count: u32) {
-        self.data = Some(data);
+    /// step: the data is `data`, the whole history, `count` positions longer. The tensor stays the same.
+    pub fn advance(&mut self, data: Array, count: u32) -> R<()> {
+        self.data.as_ref().ok_or("an empty history cannot advance")?.refill(data);
         self.end += count;
+        Ok(())
     }
 
     /// Drops positions beyond what a bounded history keeps, [`COMPACT_STEP`] at a time: a compacted

@@ -28,7 +28,11 @@ enum State {
     Pending(u32),
     /// The batch that was to make it was refused.
     Failed(String),
+    /// Its array was given up to a template run, which refills it (see [`Tensor::give_up`]).
+    Given,
 }
+
+const GIVEN: &str = "a tensor given up to a template run was used";
 
 /// Ops recorded and not yet sent. Values are numbered by the op that makes them, inputs included.
 #[derive(Default)]
@@ -52,6 +56,7 @@ impl Batch {
         match &*t.0.borrow() {
             State::Pending(v) => Ok(*v),
             State::Failed(e) => Err(e.clone()),
+            State::Given => Err(GIVEN.into()),
             State::Host { input, .. } => {
                 if let Some(v) = input.get() {
                     return Ok(v);
@@ -182,6 +187,7 @@ impl Tensor {
                 _ => unreachable!("checked above"),
             })),
             State::Failed(e) => Err(e.clone()),
+            State::Given => Err(GIVEN.into()),
             State::Pending(_) => Err("a tensor was not made by the batch that recorded it".into()),
         }
     }
@@ -201,6 +207,24 @@ impl Tensor {
             Ok(State::Host { array, .. }) => Ok(array),
             _ => Err("a tensor handed to the shell is still used by the model".to_owned()),
         }
+    }
+
+    /// The host array, given up (to a template run) until [`Tensor::refill`]: this must be its only
+    /// holder. Unlike [`Tensor::into_array`] the tensor stays, to be refilled in place.
+    pub(crate) fn give_up(&self) -> R<Array> {
+        drop(self.array()?);
+        if !self.sole() {
+            return Err("a tensor given up is still used by the model".into());
+        }
+        match std::mem::replace(&mut *self.0.borrow_mut(), State::Given) {
+            State::Host { array, .. } => Ok(array),
+            _ => unreachable!("computed above"),
+        }
+    }
+
+    /// Holds `array` (a template run's result) where a given-up array was.
+    pub(crate) fn refill(&self, array: Array) {
+        *self.0.borrow_mut() = State::Host { array, input: Cell::new(None) };
     }
 }
 

@@ -79,8 +79,9 @@ pub fn decode<G: Graph>(graph: &G, token: u32, cache: &mut G::Cache, replay: &mu
     let position = G::cache_length(cache);
     let ids = nn::token_ids(&[token])?;
     if let Some(kept) = &replay.template {
-        if kept.usable(position, &G::histories(cache)) {
-            return kept.run(position, ids, &mut G::histories(cache));
+        let mut histories = G::histories(cache);
+        if kept.usable(position, &histories) {
+            return kept.run(position, ids, &mut histories);
         }
         replay.forget();
     }
@@ -178,23 +179,23 @@ impl Kept {
 
     /// Runs the template at `position` (see [`Kept::usable`]), advancing the histories.
     fn run(&self, position: u32, ids: Tensor, histories: &mut [&mut History]) -> Result<Array, String> {
-        // The run gives up the token ids and the histories' data it replaces.
+        // The run gives up the token ids and the histories' data it replaces (their tensors stay, to
+        // hold the new data).
         let mut ids = Some(ids);
         let mut inputs = Vec::with_capacity(self.inputs.len());
         for slot in &self.inputs {
-            let tensor = match slot {
-                Slot::Tokens => ids.take().ok_or("the token ids are used twice")?,
-                Slot::History(i) => histories[*i].take_data().ok_or("a history emptied")?,
+            inputs.push(match slot {
+                Slot::Tokens => ids.take().ok_or("the token ids are used twice")?.into_array()?,
+                Slot::History(i) => histories[*i].data().ok_or("a history emptied")?.give_up()?,
                 Slot::Fixed(_) => return Err("a fixed input among those given".into()),
-            };
-            inputs.push(tensor.into_array()?);
+            });
         }
         let fixed = self.fixed.iter().map(|t| t.array()).collect::<Result<Vec<_>, String>>()?;
         let fixed: Vec<&Array> = fixed.iter().map(|a| &**a).collect();
         let mut results = self.template.run(&fixed, inputs, position - self.position)?.into_iter();
         let logits = results.next().ok_or("the template returned no logits")?;
         for (history, data) in histories.iter_mut().zip(results) {
-            history.advance(Tensor::from_array(data), 1);
+            history.advance(data, 1)?;
         }
         Ok(logits)
     }
