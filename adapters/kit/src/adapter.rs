@@ -39,6 +39,11 @@ pub trait Family: 'static {
 /// A model graph over the `tensor` import, loaded from `weights`.
 pub trait Graph: Sized + 'static {
     type Cache: 'static;
+    /// Whether a decode step records the same ops at every position, rotary and sliding-window offsets
+    /// aside, so that the kit may run it from a template ([`step`](crate::step)). A model whose graph
+    /// changes at some position by itself (a rope scaling that switches past a length) must say false:
+    /// two steps alike before that position cannot tell.
+    const DECODE_TEMPLATES: bool = true;
     fn load() -> Result<Self, String>;
     fn vocab_size(&self) -> u32;
     fn new_cache(&self) -> Self::Cache;
@@ -129,7 +134,7 @@ impl<F: Family> runtime::GuestModel for Model<F> {
             return Err("forward needs at least one token".into());
         }
         let (cache, replay) = &mut *cache.get::<Cache<F>>().0.borrow_mut();
-        if let ([token], false) = (&tokens[..], all_positions) {
+        if let ([token], false, true) = (&tokens[..], all_positions, F::Graph::DECODE_TEMPLATES) {
             return step::decode(&self.0, *token, cache, replay);
         }
         replay.forget();
