@@ -83,6 +83,8 @@ enum Op {
     Conv(usize, usize),
     Astype(usize, u8),
     Read(usize),
+    /// scale, add-scalar, tanh, sigmoid, silu, gelu-tanh.
+    Unary(usize, u8),
 }
 
 fn dim() -> impl Strategy<Value = i32> {
@@ -110,6 +112,7 @@ fn op() -> impl Strategy<Value = Op> {
         (i(), i()).prop_map(|(a, b)| Op::Conv(a, b)),
         (i(), 0u8..6).prop_map(|(a, d)| Op::Astype(a, d)),
         i().prop_map(Op::Read),
+        (i(), 0u8..6).prop_map(|(a, k)| Op::Unary(a, k)),
     ]
 }
 
@@ -132,7 +135,8 @@ mod host_ops {
         let limits = Limits { max_tensor_bytes: 64 << 20, ..Limits::default() };
         let mut state = HostState::new("proptest", &limits);
         let mut pool: Vec<H> = Vec::new();
-        for shape in [vec![2u32, 3], vec![1, 2, 4, 4], vec![4]] {
+        // The single head [1, 1, 2, 4] makes views whose size-1 axes have unpacked strides (rope's).
+        for shape in [vec![2u32, 3], vec![1, 2, 4, 4], vec![4], vec![1, 1, 2, 4]] {
             let n = shape.iter().product::<u32>() as usize;
             pool.push(state.from_f32((0..n).map(|v| v as f32 * 0.25).collect(), shape).unwrap().unwrap());
         }
@@ -178,6 +182,14 @@ mod host_ops {
                     let dtype = [wit::Dtype::Float32, wit::Dtype::Float16, wit::Dtype::Bfloat16, wit::Dtype::Int32, wit::Dtype::Uint32, wit::Dtype::Uint8][d as usize];
                     state.astype(pick(a), dtype)
                 }
+                Op::Unary(a, k) => match k {
+                    0 => state.scale(pick(a), 2.0),
+                    1 => state.add_scalar(pick(a), 1.0),
+                    2 => state.tanh(pick(a)),
+                    3 => state.sigmoid(pick(a)),
+                    4 => state.silu(pick(a)),
+                    _ => state.gelu_tanh(pick(a)),
+                },
                 Op::Read(a) => {
                     match state.read_f32(pick(a)) {
                         Ok(Ok(_)) => {}
@@ -203,7 +215,7 @@ mod host_ops {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
 
     /// Random op sequences with random, also absurd, shapes and indices through the real tensor host:
     /// no panic, no signal, every refusal a sentence.
