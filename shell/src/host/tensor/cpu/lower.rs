@@ -143,8 +143,9 @@ unsafe fn whole_source(t: T) -> T {
     }
 }
 
-/// ggml's `ggml_is_padded_1d`, which some kernels assert (scale, add1): strides packed over every
-/// dimension, even those of size 1 that `ggml_is_contiguous` overlooks (a permuted view of one head).
+/// ggml's `ggml_is_padded_1d`, which its scale asserts (aborting the process otherwise): strides packed
+/// over every dimension, even those of size 1 that `ggml_is_contiguous` overlooks (a permuted view of
+/// one head).
 ///
 /// # Safety
 /// `t` is a tensor of a live context.
@@ -359,8 +360,16 @@ impl Graph {
                 _ if quantized(t) => self.dequantize(t)?,
                 _ => return Err("the cpu backend computes with float or int32 arrays only (cast uint8 first)".into()),
             };
-            Ok(if g::ggml_is_contiguous(t) && padded_1d(t) { t } else { g::ggml_cont(self.ctx, t) })
+            Ok(if g::ggml_is_contiguous(t) { t } else { g::ggml_cont(self.ctx, t) })
         }
+    }
+
+    /// `t` as [`Graph::act`] makes it, with strides packed over every axis as ggml's scale asserts
+    /// (see [`padded_1d`]); a copy only where that differs (other kernels take such views as they are).
+    fn packed(&mut self, t: T) -> OpResult<T> {
+        let t = self.act(t)?;
+        // SAFETY: t belongs to this context.
+        Ok(unsafe { if padded_1d(t) { t } else { g::ggml_cont(self.ctx, t) } })
     }
 
     /// `t` if it is a float type (ggml's copies convert between those, and read any layout), else as f32:
@@ -417,8 +426,8 @@ impl Graph {
                 Op::Multiply => self.binary(g::ggml_mul, x, out, true)?,
                 Op::Subtract => self.binary(g::ggml_sub, x, out, false)?,
                 Op::Divide => self.binary(g::ggml_div, x, out, false)?,
-                Op::Scale(s) => g::ggml_scale(ctx, self.act(x[0])?, *s),
-                Op::AddScalar(v) => g::ggml_scale_bias(ctx, self.act(x[0])?, 1.0, *v),
+                Op::Scale(s) => g::ggml_scale(ctx, self.packed(x[0])?, *s),
+                Op::AddScalar(v) => g::ggml_scale_bias(ctx, self.packed(x[0])?, 1.0, *v),
                 Op::Tanh => g::ggml_tanh(ctx, self.act(x[0])?),
                 Op::Sigmoid => g::ggml_sigmoid(ctx, self.act(x[0])?),
                 Op::Silu => g::ggml_silu(ctx, self.act(x[0])?),
