@@ -2,7 +2,7 @@
 //! `since_v*`. The latest is re-exported here and is what the shell speaks: an older version's exports
 //! are bound to the latest's types (they did not change), and its imports are served by the latest's
 //! host code through conversions (`host::v0_2_0` serves 0.2.0 with the latest's host code, `host::v0_1_0`
-//! serves 0.1.0 with 0.2.0's). Every import may trap: a host function that returns
+//! serves 0.1.0 with 0.2.0's; `host::older` writes both). Every import may trap: a host function that returns
 //! `Err` stops the adapter call, which is how sandbox limits are enforced.
 
 pub use v0_3_0::*;

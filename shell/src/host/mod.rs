@@ -3,6 +3,7 @@
 
 pub mod log;
 pub mod net;
+mod older;
 pub mod tensor;
 pub mod v0_1_0;
 pub mod v0_2_0;
