@@ -330,20 +330,6 @@ fn wider(a: DType, b: DType) -> DType {
     if a.size() >= b.size() { a } else { b }
 }
 
-impl wit::HostTemplate for HostState {
-    fn create(&mut self, ops: Vec<wit::Op>, keep: Vec<u32>) -> Outcome<Resource<template::Template>> {
-        template::create(self, ops, keep)
-    }
-
-    fn run(&mut self, template: Resource<template::Template>, fixed: Vec<Handle>, inputs: Vec<Handle>, shift: u32) -> Outcome<Vec<Handle>> {
-        template::run(self, &template, fixed, inputs, shift)
-    }
-
-    fn drop(&mut self, template: Resource<template::Template>) -> wasmtime::Result<()> {
-        template::drop(self, template)
-    }
-}
-
 impl wit::HostArray for HostState {
     fn from_f32(&mut self, data: Vec<f32>, shape: Vec<u32>) -> Outcome<Handle> {
         let shape = check!(checks::from_guest(&shape));

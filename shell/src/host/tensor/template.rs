@@ -35,7 +35,21 @@ pub struct Template {
     bytes: usize,
 }
 
-pub(super) fn create(state: &mut HostState, ops: Vec<Op>, keep: Vec<u32>) -> Outcome<Resource<Template>> {
+impl super::wit::HostTemplate for HostState {
+    fn create(&mut self, ops: Vec<Op>, keep: Vec<u32>) -> Outcome<Resource<Template>> {
+        create(self, ops, keep)
+    }
+
+    fn run(&mut self, template: Resource<Template>, fixed: Vec<Handle>, inputs: Vec<Handle>, shift: u32) -> Outcome<Vec<Handle>> {
+        run(self, &template, fixed, inputs, shift)
+    }
+
+    fn drop(&mut self, template: Resource<Template>) -> wasmtime::Result<()> {
+        drop(self, template)
+    }
+}
+
+fn create(state: &mut HostState, ops: Vec<Op>, keep: Vec<u32>) -> Outcome<Resource<Template>> {
     let bytes = ops.iter().map(bytes).sum::<usize>() + 4 * keep.len();
     let t = &mut state.tensors;
     if t.template_bytes.saturating_add(bytes) > MAX_TEMPLATE_BYTES {
@@ -52,7 +66,7 @@ pub(super) fn create(state: &mut HostState, ops: Vec<Op>, keep: Vec<u32>) -> Out
     Ok(Ok(state.table.push(Template { ops, keep, bytes })?))
 }
 
-pub(super) fn run(state: &mut HostState, template: &Resource<Template>, fixed: Vec<Handle>, inputs: Vec<Handle>, shift: u32) -> Outcome<Vec<Handle>> {
+fn run(state: &mut HostState, template: &Resource<Template>, fixed: Vec<Handle>, inputs: Vec<Handle>, shift: u32) -> Outcome<Vec<Handle>> {
     // Taken out while they are recorded (recording needs the whole state) and put back after.
     let kept = state.table.get_mut(template)?;
     let (ops, keep) = (std::mem::take(&mut kept.ops), std::mem::take(&mut kept.keep));
@@ -68,7 +82,7 @@ pub(super) fn run(state: &mut HostState, template: &Resource<Template>, fixed: V
     result
 }
 
-pub(super) fn drop(state: &mut HostState, template: Resource<Template>) -> wasmtime::Result<()> {
+fn drop(state: &mut HostState, template: Resource<Template>) -> wasmtime::Result<()> {
     let template = state.table.delete(template)?;
     state.tensors.template_bytes -= template.bytes;
     state.tensors.live_handles -= 1;
