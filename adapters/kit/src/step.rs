@@ -150,7 +150,7 @@ impl Recorded {
             && self.inputs == last.inputs
             && self.starts == last.starts
             && self.ops.len() == last.ops.len()
-            && self.ops.iter().zip(&last.ops).all(|(op, earlier)| same_op(op, shifted(earlier, 1).as_ref()))
+            && self.ops.iter().zip(&last.ops).all(|(op, earlier)| shifted(earlier, 1).as_ref() == Some(op))
     }
 
     /// The template: fixed inputs first, then those each run gives up, renumbered so.
@@ -199,12 +199,6 @@ impl Kept {
         }
         Ok(logits)
     }
-}
-
-/// Whether two ops are the same, fields and all (the bindings' ops compare only as their Debug text,
-/// which writes every field, floats exactly).
-fn same_op(op: &Op, other: Option<&Op>) -> bool {
-    other.is_some_and(|other| format!("{op:?}") == format!("{other:?}"))
 }
 
 /// `op` as recorded `shift` positions further on (what the shell's `run` does to it).
