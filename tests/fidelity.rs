@@ -177,6 +177,7 @@ fn decoding_past_the_kept_history_matches_the_whole_sequence() {
         let whole = model.forward(&ids, &fresh, true).unwrap();
         let cache = model.new_cache().unwrap();
         model.forward(&ids[..200], &cache, false).unwrap();
+        let reused_before = edgechat::host::tensor::cpu::reused_graphs();
         for (i, &id) in ids.iter().enumerate().skip(200) {
             let step = model.forward(&[id], &cache, false).unwrap();
             let diff = max_abs_diff(&step, &whole[i * vocab..(i + 1) * vocab]);
@@ -186,6 +187,7 @@ fn decoding_past_the_kept_history_matches_the_whole_sequence() {
         // and, around each of the histories' two cut-backs, the three model code recorded again.
         let replayed = model.session().state().unwrap().tensors.template_runs;
         assert!((200..=218).contains(&replayed), "{name}: {replayed} of 220 steps were replayed");
+        eprintln!("{name}: {} graphs reused", edgechat::host::tensor::cpu::reused_graphs() - reused_before);
     }
 }
 

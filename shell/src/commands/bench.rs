@@ -40,7 +40,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let span = model.vocab.saturating_sub(1000).max(1);
     let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| 1000 + (i * 7919) % span).collect();
 
-    let (mut prefill, mut decode, mut build) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut prefill, mut decode, mut build, mut reused) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..=args.runs {
         let cache = model.new_cache()?;
         let t = Instant::now();
@@ -48,19 +48,22 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let prefill_time = t.elapsed();
         let t = Instant::now();
         let built_before = model.graph_build_time();
+        let reused_before = crate::host::tensor::cpu::reused_graphs();
         for _ in 1..args.gen_tokens {
             next = argmax(&model.forward(&[next], &cache, false)?);
         }
         let decode_time = t.elapsed();
         let built = model.graph_build_time() - built_before;
+        let steps_reused = crate::host::tensor::cpu::reused_graphs() - reused_before;
         if run == 0 {
             continue; // warm-up: first-touch of weights, allocator growth
         }
         prefill.push(args.prompt_tokens as f64 / prefill_time.as_secs_f64());
         decode.push((args.gen_tokens - 1) as f64 / decode_time.as_secs_f64());
         build.push(built.as_secs_f64() / decode_time.as_secs_f64());
+        reused.push(steps_reused as f64 / (args.gen_tokens - 1) as f64);
     }
-    let (prefill, decode, build) = (median(prefill), median(decode), median(build));
+    let (prefill, decode, build, reused) = (median(prefill), median(decode), median(build), median(reused));
     let peak = peak_rss_bytes();
     if args.json {
         println!(
@@ -71,7 +74,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 "dtype": format!("{precision:?}").to_lowercase(), "load_seconds": load_time.as_secs_f64(),
                 "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
                 "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
-                "boundary_share": build, "peak_rss_bytes": peak, "weight_bytes": weight_bytes,
+                "boundary_share": build, "reused_graph_share": reused, "peak_rss_bytes": peak, "weight_bytes": weight_bytes,
                 "peak_rss_per_weight_byte": peak as f64 / weight_bytes.max(1) as f64,
             })
         );
@@ -82,6 +85,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     println!("prefill          {prefill:.1} tokens/s  ({} tokens, median of {})", args.prompt_tokens, args.runs);
     println!("decode           {decode:.2} tokens/s  ({} tokens, median of {})", args.gen_tokens, args.runs);
     println!("graph building   {:.1}% of decode time (adapter + host calls; an upper bound on the WASM boundary's cost)", build * 100.0);
+    println!("graph reuse      {:.0}% of decode steps computed a kept ggml graph again (cpu backend)", reused * 100.0);
     println!(
         "peak RSS         {} ({:.2}x the weights' {} as stored)",
         human_bytes(peak),

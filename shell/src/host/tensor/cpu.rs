@@ -126,6 +126,12 @@ impl Drop for Node {
     }
 }
 
+/// How many evaluations so far computed a kept ggml graph again instead of lowering a new one (see
+/// `lower/reuse.rs`): process-wide, as the compute resources are.
+pub fn reused_graphs() -> u64 {
+    lower::reused_graphs()
+}
+
 /// `elements` values of ggml type `ggml_type` (GGUF's numbering) as f32, by ggml's reference
 /// dequantizer. `bytes` must hold exactly those elements in whole blocks (the GGUF reader checks).
 pub fn to_f32(ggml_type: u32, bytes: &[u8], elements: usize) -> Vec<f32> {

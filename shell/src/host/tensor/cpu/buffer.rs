@@ -73,38 +73,40 @@ impl Buffer {
         }
     }
 
-    /// Extends the bytes to `len` (zeros after the old end); false for a mapped checkpoint. The first
+    /// Extends the bytes to `len` (zeros after the old end), with at least `room` bytes of memory behind
+    /// them (readable zeros past `len`, for a padded append); false for a mapped checkpoint. The first
     /// growth moves them into an anonymous mapping with room to double, later ones remap it (Linux moves
     /// the pages, copying nothing): a cache appended to every token neither copies its history nor leaves
     /// freed copies in the heap (they held ~40 MB after a 640-token run), and room not yet written costs
     /// no memory. The caller holds the only reference, so nothing points into the bytes as they move.
-    pub(super) fn grow(&mut self, len: usize) -> bool {
-        if len <= self.len {
+    pub(super) fn grow(&mut self, len: usize, room: usize) -> bool {
+        let needed = room.max(len);
+        if needed <= self.len {
             return true;
         }
-        let room = len.max(self.len.saturating_mul(2));
+        let target = needed.max(self.len.saturating_mul(2));
         match &mut self.storage {
             Storage::Mapped { .. } => return false,
             Storage::Growing(map) => {
                 #[cfg(target_os = "linux")]
-                if map.len() < len {
+                if map.len() < needed {
                     // SAFETY: the mapping is ours alone (see above); remapping keeps its contents. On
                     // failure it is unchanged, and is copied below.
-                    let _ = unsafe { map.remap(room, memmap2::RemapOptions::new().may_move(true)) };
+                    let _ = unsafe { map.remap(target, memmap2::RemapOptions::new().may_move(true)) };
                 }
-                if map.len() >= len {
-                    self.len = len;
+                if map.len() >= needed {
+                    self.len = self.len.max(len);
                     return true;
                 }
             }
             Storage::Owned(_) => {}
         }
-        let Ok(mut fresh) = memmap2::MmapMut::map_anon(room) else { return false };
+        let Ok(mut fresh) = memmap2::MmapMut::map_anon(target) else { return false };
         fresh[..self.len].copy_from_slice(self.bytes());
         if let Storage::Owned(_) = std::mem::replace(&mut self.storage, Storage::Growing(fresh)) {
             heap_hole_left();
         }
-        self.len = len;
+        self.len = self.len.max(len);
         true
     }
 

@@ -13,9 +13,12 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 
 mod fused;
+mod reuse;
 mod runner;
 mod types;
 
+pub(in crate::host::tensor) use reuse::reused_graphs;
+use reuse::{Bindings, Structure};
 use runner::{runner, Runner};
 pub(super) use runner::threads;
 pub(super) use types::{block_size, f32_values, row_size, to_f32, Q4_1, TYPE_COUNT};
@@ -106,12 +109,22 @@ pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
             false => Kept::No,
         })
         .collect();
-    let mut runner = runner().lock().unwrap_or_else(|e| e.into_inner());
     if edges > 4 * MAX_PENDING {
         return Err(format!("a graph whose operations read more than {} inputs is refused", 4 * MAX_PENDING));
     }
-    let mut graph = Graph::new(&mut runner, order.len(), edges)?;
-    let result = graph.run(&mut runner, &order, &keep);
+    let structure = Structure::of(&order, &keep);
+    let mut runner = runner().lock().unwrap_or_else(|e| e.into_inner());
+    let result = match reuse::replay(&mut runner, &order, &structure) {
+        Some(result) => result,
+        None => {
+            let mut graph = Graph::new(&mut runner, order.len(), edges, &structure)?;
+            let result = graph.run(&mut runner, &order, &keep);
+            if result.is_ok() {
+                reuse::keep(&mut runner, graph, structure);
+            }
+            result
+        }
+    };
     super::release_heap_holes();
     result
 }
@@ -163,15 +176,34 @@ struct Graph {
     /// Whether `ctx` is this graph's own, freed with it.
     owned: bool,
     graph: *mut g::ggml_cgraph,
-    /// Buffers our leaves point into, kept alive until the graph is freed.
+    /// Buffers our leaves point into, held while the graph computes.
     held: Vec<Arc<Buffer>>,
+    /// Buffers of the graph's own (rope positions, masks), as long as the graph lives.
+    own: Vec<Buffer>,
     leaves: HashMap<*const super::Node, T>,
     /// Appends computed in place (see [`Graph::append`]): the buffer each such node ends up holding.
     appended: HashMap<*const super::Node, Arc<Buffer>>,
-    /// The masks the shell built for attention, by kind and size: layers with the same window share one.
-    masks: HashMap<(super::AttentionMask, i64, i64), T>,
+    /// The masks the shell built for attention, by kind, sizes and padded size: layers with the same
+    /// window share one.
+    masks: HashMap<(super::AttentionMask, i64, i64, i64), T>,
     /// Scratch for [`Graph::expand`].
     unnamed: Vec<T>,
+    /// The results the graph computes, in order.
+    outputs: Vec<Output>,
+    /// The node of the order being lowered.
+    current: usize,
+    /// From the [`Structure`]: each node's padded rows, and the leaves' numbers.
+    padded: Vec<Option<i64>>,
+    leaf_number: HashMap<*const super::Node, usize>,
+    bindings: Bindings,
+}
+
+/// A result of the graph: the order's node, its tensor, and, when the result is written straight into a
+/// buffer of its own, the tensor whose memory that is and whether the buffer should be growable.
+struct Output {
+    node: usize,
+    out: T,
+    own: Option<(T, bool)>,
 }
 
 impl Drop for Graph {
@@ -186,22 +218,43 @@ impl Drop for Graph {
 impl Graph {
     /// A context and graph with room for `pending` ops reading `edges` inputs in all (a concatenation of
     /// n arrays becomes about 3n ggml tensors).
-    fn new(runner: &mut Runner, pending: usize, edges: usize) -> OpResult<Graph> {
+    fn new(runner: &mut Runner, pending: usize, edges: usize, structure: &Structure) -> OpResult<Graph> {
         let size = pending * TENSORS_PER_OP + edges * 4 + 64;
-        let (ctx, owned) = runner.context(size)?;
+        let busy = runner.kept.as_ref().map_or(std::ptr::null_mut(), |k| k.context());
+        let (ctx, owned) = runner.context(size, busy)?;
         // SAFETY: the context has room for `size` tensors and a graph of them.
-        unsafe {
-            let graph = g::ggml_new_graph_custom(ctx, size, false);
-            Ok(Graph { ctx, owned, graph, held: Vec::new(), leaves: HashMap::default(), appended: HashMap::default(), masks: HashMap::default(), unnamed: Vec::new() })
-        }
+        let graph = unsafe { g::ggml_new_graph_custom(ctx, size, false) };
+        Ok(Graph {
+            ctx,
+            owned,
+            graph,
+            held: Vec::new(),
+            own: Vec::new(),
+            leaves: HashMap::default(),
+            appended: HashMap::default(),
+            masks: HashMap::default(),
+            unnamed: Vec::new(),
+            outputs: Vec::new(),
+            current: 0,
+            padded: structure.padded.clone(),
+            leaf_number: structure.leaf_number.clone(),
+            bindings: Bindings { complete: true, ..Bindings::default() },
+        })
     }
 
+    /// Lowers `order` (as its [`Structure`] describes it) and computes it.
     fn run(&mut self, runner: &mut Runner, order: &[Array], keep: &[Kept]) -> OpResult<()> {
+        self.lower(order, keep)?;
+        self.finish(runner, order, false)
+    }
+
+    fn lower(&mut self, order: &[Array], keep: &[Kept]) -> OpResult<()> {
         let mut lowered: HashMap<*const super::Node, T> = HashMap::default();
         // A linear layer's transposed weight (`x @ w.T`, 127 per Gemma 3 decode step) is read by its
         // product as stored; its view is only made if something else reads it.
         let mut deferred: HashSet<*const super::Node> = HashSet::default();
-        for (node, &kept) in order.iter().zip(keep) {
+        for (i, (node, &kept)) in order.iter().zip(keep).enumerate() {
+            self.current = i;
             if node.elements() == 0 {
                 // Nothing to compute (ggml's kernels assume at least one element): an empty result.
                 *node.state() = State::Ready(Arc::new(Buffer::zeroed(0)));
@@ -237,7 +290,7 @@ impl Graph {
                 self.op(op, &args, inputs, node)?
                 }
             };
-            let expected = ne(&node.0.shape)?;
+            let expected = self.lowered_ne(node)?;
             // A transposed view of block-quantized data keeps the blocks (for a matrix product to read).
             let block_view = quantized(t) && matches!(&*node.state(), State::Pending(Op::Transpose(_), _));
             // SAFETY: t is a tensor of this context.
@@ -249,8 +302,9 @@ impl Graph {
             self.expand(t);
             lowered.insert(Arc::as_ptr(&node.0), t);
         }
-        let mut outputs = Vec::new();
-        for (node, &kept) in order.iter().zip(keep) {
+        // Results sharing memory (a result and a reshape of it) are written once, into the first one's.
+        let mut claimed: HashSet<T> = HashSet::default();
+        for (i, (node, &kept)) in order.iter().zip(keep).enumerate() {
             // (Empty results are data already.)
             if let (Kept::Result | Kept::State, Some(&t)) = (kept, lowered.get(&Arc::as_ptr(&node.0))) {
                 // SAFETY: graph construction over tensors of this context.
@@ -258,44 +312,67 @@ impl Graph {
                 // An op's result is written straight into the buffer that keeps it (no copy afterwards),
                 // also through a reshape (the logits of every step are one); a view of data already held
                 // is copied out.
-                let mut own = None;
-                unsafe {
+                // SAFETY: as above.
+                let own = unsafe {
                     g::ggml_set_output(out);
                     self.expand(out);
                     let memory = whole_source(out);
-                    if (*memory).view_src.is_null() && (*memory).data.is_null() {
-                        // Larger state kept past the graph is a cache (a prompt's first chunk, or one cut
-                        // back to its window) that will grow in place: it starts where it can.
-                        let bytes = g::ggml_nbytes(memory);
-                        let growable = kept == Kept::State && bytes >= GROWABLE_STATE;
-                        let buffer = if growable { Buffer::growable(bytes) } else { Buffer::zeroed(bytes) };
-                        (*memory).data = buffer.ptr();
-                        own = Some(buffer);
-                    }
-                }
-                outputs.push((node, out, own));
+                    // Larger state kept past the graph is a cache (a prompt's first chunk, or one cut back
+                    // to its window) that will grow in place: it starts where it can.
+                    let growable = kept == Kept::State && g::ggml_nbytes(memory) >= GROWABLE_STATE;
+                    let free = (*memory).view_src.is_null() && (*memory).data.is_null() && claimed.insert(memory);
+                    free.then_some((memory, growable))
+                };
+                self.outputs.push(Output { node: i, out, own });
             }
         }
-        // Views of those results were made before the results had memory; ggml's allocator leaves views
-        // of memory it does not own alone, so they are pointed at it here.
+        Ok(())
+    }
+
+    /// Computes the lowered (or patched) graph and makes its outputs the nodes' data. `placed`: the
+    /// graph's intermediates are where the allocator put them for its last computation.
+    fn finish(&mut self, runner: &mut Runner, order: &[Array], placed: bool) -> OpResult<()> {
+        let mut own = Vec::with_capacity(self.outputs.len());
+        for output in &self.outputs {
+            own.push(output.own.map(|(memory, growable)| {
+                // SAFETY: memory is a tensor of this graph; its data now points at the new buffer, which
+                // lives until it becomes the node's data below.
+                unsafe {
+                    let bytes = g::ggml_nbytes(memory);
+                    let buffer = if growable { Buffer::growable(bytes) } else { Buffer::zeroed(bytes) };
+                    (*memory).data = buffer.ptr();
+                    buffer
+                }
+            }));
+        }
+        // Views of memory the allocator does not own (leaves, appended caches, results written into their
+        // own buffers) point into it from here: ggml set some when they were made, before that memory was
+        // known or when it was an earlier evaluation's.
         // SAFETY: every node belongs to this graph; view_offs lies within the viewed tensor.
         unsafe {
             for i in 0..g::ggml_graph_n_nodes(self.graph) {
                 let t = g::ggml_graph_node(self.graph, i);
                 let source = (*t).view_src;
-                if !source.is_null() && (*t).data.is_null() && !(*source).data.is_null() && (*source).buffer.is_null() {
+                if !source.is_null() && !(*source).data.is_null() && (*source).buffer.is_null() {
                     (*t).data = (*source).data.cast::<u8>().add((*t).view_offs).cast();
                 }
             }
         }
-        runner.compute(self.graph)?;
-        for (node, out, own) in outputs {
+        let result = runner.compute(self.graph, placed).and_then(|()| self.results(order, own));
+        self.held.clear();
+        result
+    }
+
+    fn results(&mut self, order: &[Array], own: Vec<Option<Buffer>>) -> OpResult<()> {
+        for (output, own) in self.outputs.iter().zip(own) {
+            let node = &order[output.node];
+            let appended = self.appended.remove(&Arc::as_ptr(&node.0));
             // SAFETY: after compute, out's data holds ggml_nbytes(out) bytes.
-            let bytes = unsafe { std::slice::from_raw_parts((*out).data as *const u8, g::ggml_nbytes(out)) };
-            if bytes.len() != node.elements() * node.0.dtype.size() {
+            let bytes = unsafe { std::slice::from_raw_parts((*output.out).data as *const u8, g::ggml_nbytes(output.out)) };
+            if appended.is_none() && bytes.len() != node.elements() * node.0.dtype.size() {
                 return Err("the cpu backend produced a result of the wrong size".into());
             }
-            let buffer = match (self.appended.remove(&Arc::as_ptr(&node.0)), own) {
+            let buffer = match (appended, own) {
                 (Some(appended), _) => appended,
                 (None, Some(own)) => Arc::new(own),
                 (None, None) => Arc::new(Buffer::from_bytes(bytes)),
@@ -330,24 +407,30 @@ impl Graph {
             return Ok(t);
         }
         let buffer = a.buffer().ok_or("the cpu backend met an input it had not computed")?;
-        let t = self.data(a.0.blocks.unwrap_or(ggml_type(a.0.dtype)), &ne(&a.0.shape)?, buffer);
+        // SAFETY: a 4-d tensor header in the context; its data points at `buffer`, held while computing.
+        let t = unsafe { g::ggml_new_tensor(self.ctx, a.0.blocks.unwrap_or(ggml_type(a.0.dtype)), 4, ne(&a.0.shape)?.as_ptr()) };
+        unsafe { (*t).data = buffer.ptr() };
+        self.held.push(buffer);
         self.leaves.insert(key, t);
+        match self.leaf_number.get(&key) {
+            Some(&n) => self.bindings.leaves.push((n, t)),
+            // Not a leaf the structure numbered: this graph cannot be pointed at another evaluation's.
+            None => self.bindings.complete = false,
+        }
         Ok(t)
     }
 
-    fn data(&mut self, ty: g::ggml_type, ne: &[i64; 4], buffer: Arc<Buffer>) -> T {
-        // SAFETY: a 4-d tensor header in the context; its data points at `buffer`, held until drop.
+    /// A zeroed tensor over a buffer of the graph's own, for values the shell writes (rope positions,
+    /// masks, row indices).
+    fn own_data(&mut self, ty: g::ggml_type, ne: &[i64; 4]) -> T {
+        // SAFETY: a 4-d tensor header in the context; its data points at a buffer the graph keeps.
         unsafe {
             let t = g::ggml_new_tensor(self.ctx, ty, 4, ne.as_ptr());
+            let buffer = Buffer::zeroed(g::ggml_nbytes(t));
             (*t).data = buffer.ptr();
-            self.held.push(buffer);
+            self.own.push(buffer);
             t
         }
-    }
-
-    fn f16_leaf(&mut self, values: &[f32], ne: [i64; 4]) -> T {
-        let bytes: Vec<u8> = values.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
-        self.data(g::GGML_TYPE_F16, &ne, Arc::new(Buffer::from_bytes(&bytes)))
     }
 
     /// An f32, contiguous form of `t` (what elementwise kernels take).
@@ -387,8 +470,8 @@ impl Graph {
         }
         let n = ne_of(t);
         let rows = n[1] * n[2] * n[3];
-        let ids: Vec<u8> = (0..rows as i32).flat_map(|i| i.to_le_bytes()).collect();
-        let ids = self.data(g::GGML_TYPE_I32, &[rows, 1, 1, 1], Arc::new(Buffer::from_bytes(&ids)));
+        let ids = self.own_data(g::GGML_TYPE_I32, &[rows, 1, 1, 1]);
+        fused::write_positions(ids, 0);
         let flat = g::ggml_reshape_2d(self.ctx, t, n[0], rows);
         Ok(g::ggml_reshape_4d(self.ctx, g::ggml_get_rows(self.ctx, flat, ids), n[0], n[1], n[2], n[3]))
     }
@@ -515,7 +598,7 @@ impl Graph {
                     let a = self.act(x[0])?;
                     self.rope(a, *p)
                 }
-                Op::Attention { scale, mask } => self.attention(x, *scale, *mask)?,
+                Op::Attention { scale, mask } => self.attention(x, inputs, *scale, *mask)?,
                 Op::Conv1dDepthwise => {
                     let a = self.act(x[0])?;
                     let x_t = self.cont(g::ggml_permute(ctx, a, 1, 0, 2, 3));

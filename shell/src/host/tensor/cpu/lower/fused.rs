@@ -1,51 +1,70 @@
 //! The lowerings that are more than one ggml call: caches appended in place, GELU as one exact node,
 //! rope through strides, attention as ggml's fused kernel with the shell's masks.
 
-use super::{ggml_type, ne, ne_of, Graph, HashMap, T};
+use super::{ggml_type, ne, ne_of, reuse, Graph, HashMap, T};
 use crate::host::tensor::cpu::{Array, AttentionMask, Buffer, Node, Op, State};
-use crate::host::tensor::{DType, OpResult, Rope};
+use crate::host::tensor::{OpResult, Rope};
 use llama_cpp_sys_2 as g;
 use std::sync::Arc;
 
 impl Graph {
-    /// A cache growing by one step — concatenate(old, new) along an axis with only unit axes before it,
-    /// where nothing but this op still holds `old` — is computed by writing `new` after `old`'s bytes in
-    /// old's own buffer (grown geometrically), instead of copying the whole history every token.
+    /// A cache growing by one step — concatenate(old, new) where [`reuse::appendable`] — is computed by
+    /// writing `new` after `old`'s bytes in old's own buffer (grown geometrically), instead of copying the
+    /// whole history every token. A padded append's tensor spans its padded rows (see `reuse.rs`).
     pub(super) fn append(&mut self, op: &Op, inputs: &[Array], node: &Array, lowered: &HashMap<*const Node, T>) -> OpResult<Option<T>> {
-        let Op::Concat(axis) = op else { return Ok(None) };
-        let [old, new] = inputs else { return Ok(None) };
-        let dtype = node.0.dtype;
-        let stored = matches!(dtype, DType::F32 | DType::F16) && old.0.dtype == dtype && old.0.blocks.is_none();
-        if !stored || node.0.shape[..*axis].iter().any(|&d| d != 1) || Arc::strong_count(&old.0) != 1 || new.elements() == 0 {
+        if !reuse::appendable(op, inputs, node) {
             return Ok(None);
         }
-        let ty = ggml_type(dtype);
-        // SAFETY: a plain type query.
-        let size = unsafe { g::ggml_type_size(ty) };
-        let buffer = {
-            let mut state = old.state();
-            let State::Ready(buffer) = &mut *state else { return Ok(None) };
-            let Some(data) = Arc::get_mut(buffer) else { return Ok(None) };
-            if !data.grow(node.elements() * size) {
-                return Ok(None);
+        let [old, new] = inputs else { return Ok(None) };
+        let n = self.lowered_ne(node)?;
+        let room = n.iter().product::<i64>() as usize * node.0.dtype.size();
+        let Some(buffer) = self.grow(old, node, room)? else {
+            if n != ne(&node.0.shape)? {
+                return Err("could not grow a cache in place".into());
             }
-            buffer.clone()
+            return Ok(None);
         };
         let new_t = match lowered.get(&Arc::as_ptr(&new.0)) {
             Some(&t) => t,
             None => self.leaf(new)?,
         };
-        let full = self.data(ty, &ne(&node.0.shape)?, buffer.clone());
         let new_t = self.float(new_t)?;
-        // SAFETY: the tail view lies inside `full` (old bytes + new elements = the grown length); the copy
-        // is added to the graph before any op that reads `full`, and ggml runs nodes in order. ggml's copy
-        // reads `new_t` in its logical order whatever its strides, as the contract lays the new rows out.
+        // SAFETY: a tensor over the grown buffer (its room covers the padded rows), and a view of it as
+        // long as `new`, placed after old's bytes by [`Graph::place`]; the copy is added to the graph
+        // before any op that reads `full`, and ggml runs nodes in order. ggml's copy reads `new_t` in its
+        // logical order whatever its strides, as the contract lays the new rows out.
         unsafe {
-            let tail = g::ggml_view_1d(self.ctx, full, new.elements() as i64, old.elements() * size);
-            self.expand(g::ggml_cpy(self.ctx, new_t, tail));
+            let full = g::ggml_new_tensor(self.ctx, ggml_type(node.0.dtype), 4, n.as_ptr());
+            let tail = g::ggml_view_1d(self.ctx, full, new.elements() as i64, 0);
+            let copy = g::ggml_cpy(self.ctx, new_t, tail);
+            self.place(node, old, buffer, full, [tail, copy]);
+            self.bindings.appends.push((self.current, full, [tail, copy]));
+            self.expand(copy);
+            Ok(Some(full))
         }
+    }
+
+    /// Grows `old`'s buffer to `node`'s length, with at least `room` bytes of memory behind it (a padded
+    /// append's); None when it cannot grow in place.
+    pub(super) fn grow(&mut self, old: &Array, node: &Array, room: usize) -> OpResult<Option<Arc<Buffer>>> {
+        let mut state = old.state();
+        let State::Ready(buffer) = &mut *state else { return Ok(None) };
+        let Some(data) = Arc::get_mut(buffer) else { return Ok(None) };
+        Ok(data.grow(node.elements() * node.0.dtype.size(), room).then(|| buffer.clone()))
+    }
+
+    /// Points an append's tensor at the grown buffer and its views after old's bytes.
+    pub(super) fn place(&mut self, node: &Array, old: &Array, buffer: Arc<Buffer>, full: T, views: [T; 2]) {
+        // SAFETY: tensors of this graph; the views lie inside `full` (old's bytes plus new's elements are
+        // the grown length), and the finishing pass sets their data from full's.
+        unsafe {
+            (*full).data = buffer.ptr();
+            for view in views {
+                (*view).view_offs = old.elements() * node.0.dtype.size();
+            }
+        }
+        self.held.push(buffer.clone());
         self.appended.insert(Arc::as_ptr(&node.0), buffer);
-        Ok(Some(full))
     }
 
     /// GELU (tanh approximation) in f32, as one node on every thread: ggml's own GELU reads an f16 table,
@@ -79,8 +98,9 @@ impl Graph {
     pub(super) unsafe fn rope(&mut self, x: T, p: Rope) -> T {
         let ctx = self.ctx;
         let seq = ne_of(x)[1];
-        let positions: Vec<u8> = (0..seq).flat_map(|i| (p.offset + i as i32).to_le_bytes()).collect();
-        let positions = self.data(g::GGML_TYPE_I32, &[seq, 1, 1, 1], Arc::new(Buffer::from_bytes(&positions)));
+        let positions = self.own_data(g::GGML_TYPE_I32, &[seq, 1, 1, 1]);
+        write_positions(positions, p.offset);
+        self.bindings.positions.push((self.current, positions));
         // ggml's rope reads its input through strides: the permutation is a view, not a copy.
         let heads_outer = g::ggml_permute(ctx, x, 0, 2, 1, 3);
         // ggml's rope modes: 0 rotates interleaved pairs, GGML_ROPE_TYPE_NEOX (2) the two halves.
@@ -91,31 +111,24 @@ impl Graph {
 
     /// softmax(q k^T scale + mask) v. The masks the shell builds go to ggml's fused attention (as f16:
     /// 0 and -inf are exact), which reads K and V as they are — no score matrix, no transposed copy of V —
-    /// and broadcasts kv heads over query heads as grouped-query attention does.
-    pub(super) unsafe fn attention(&mut self, x: &[T], scale: f32, mask: AttentionMask) -> OpResult<T> {
+    /// and broadcasts kv heads over query heads as grouped-query attention does. Keys and values lowered
+    /// at a padded length have the rows past `inputs`' length masked out (ggml skips masked keys).
+    pub(super) unsafe fn attention(&mut self, x: &[T], inputs: &[Array], scale: f32, mask: AttentionMask) -> OpResult<T> {
         let ctx = self.ctx;
         // f16 keys and values are read as stored (ggml's kernel takes them, as llama.cpp's caches are);
         // anything else as f32.
         let q = self.act(x[0])?;
         let mut stored = |t: T| if (*t).type_ == g::GGML_TYPE_F16 { Ok(self.cont(t)) } else { self.act(t) };
-        let (k, v) = (stored(x[1])?, stored(x[2])?);
+        let (mut k, mut v) = (stored(x[1])?, stored(x[2])?);
+        let length = inputs[1].0.shape[2] as i64;
+        if ne_of(k)[1] != ne_of(v)[1] || (mask == AttentionMask::Explicit && ne_of(k)[1] != length) {
+            (k, v) = (self.first_rows(k, length), self.first_rows(v, length));
+        }
         let (lq, lk) = (ne_of(q)[1], ne_of(k)[1]);
-        let visible = |f: &dyn Fn(i64, i64) -> bool| -> Vec<f32> {
-            (0..lq).flat_map(|i| (0..lk).map(move |j| (i, j))).map(|(i, j)| if f(i, j) { 0.0 } else { f32::NEG_INFINITY }).collect()
-        };
-        let key = (mask, lq, lk);
+        let key = (mask, lq, length, lk);
         let mask = match mask {
-            AttentionMask::None => std::ptr::null_mut(),
+            AttentionMask::None if lk == length => std::ptr::null_mut(),
             _ if self.masks.contains_key(&key) => self.masks[&key],
-            // (Built here once per graph, then shared through `masks` below.)
-            AttentionMask::Causal => self.f16_leaf(&visible(&|i, j| j <= lk - lq + i), [lk, lq, 1, 1]),
-            AttentionMask::SlidingWindow { window, query_offset, key_offset } => {
-                let sees = |i: i64, j: i64| {
-                    let (query, key) = (query_offset + i, key_offset + j);
-                    key <= query && query - window < key
-                };
-                self.f16_leaf(&visible(&sees), [lk, lq, 1, 1])
-            }
             AttentionMask::Explicit => {
                 // An adapter's own mask may hold any values, which f16 would round: scores, a masked
                 // softmax in f32, then the product with V (ggml's mul_mat broadcasts kv heads the same way).
@@ -126,6 +139,13 @@ impl Graph {
                 let v_t = g::ggml_cont(ctx, g::ggml_permute(ctx, v, 1, 0, 2, 3));
                 return Ok(g::ggml_mul_mat(ctx, v_t, probabilities));
             }
+            // (Built here once per graph, then shared through `masks` below.)
+            _ => {
+                let t = self.own_data(g::GGML_TYPE_F16, &[lk, lq, 1, 1]);
+                write_mask(t, mask, lq, length);
+                self.bindings.masks.push((self.current, t));
+                t
+            }
         };
         if !mask.is_null() {
             self.masks.entry(key).or_insert(mask);
@@ -133,6 +153,48 @@ impl Graph {
         let fused = g::ggml_flash_attn_ext(ctx, q, k, v, mask, scale, 0.0, 0.0);
         // ggml's result is [d, heads, queries, batch]; the contract's is [batch, heads, queries, d].
         Ok(g::ggml_permute(ctx, fused, 0, 2, 1, 3))
+    }
+
+    /// The first `rows` rows (ne[1]) of `t`, a view.
+    unsafe fn first_rows(&self, t: T, rows: i64) -> T {
+        let (n, nb) = (ne_of(t), (*t).nb);
+        if n[1] == rows { t } else { g::ggml_view_4d(self.ctx, t, n[0], rows, n[2], n[3], nb[1], nb[2], nb[3], 0) }
+    }
+}
+
+/// Rope positions `offset`, `offset` + 1, ... into an i32 tensor the graph owns.
+///
+/// # Safety
+/// `t` is an i32 tensor with ne[0] values of writable data, read by nothing during the call.
+pub(super) unsafe fn write_positions(t: T, offset: i32) {
+    let positions = std::slice::from_raw_parts_mut((*t).data as *mut i32, ne_of(t)[0] as usize);
+    for (i, p) in positions.iter_mut().enumerate() {
+        *p = offset.wrapping_add(i as i32);
+    }
+}
+
+/// An attention mask the shell builds into an f16 tensor [keys, queries] the graph owns: 0 where query i
+/// sees key j, -inf elsewhere, and -inf for keys at or past `length` (padding).
+///
+/// # Safety
+/// `t` is an f16 tensor with ne[0] * ne[1] values of writable data, read by nothing during the call.
+pub(super) unsafe fn write_mask(t: T, mask: AttentionMask, lq: i64, length: i64) {
+    let lk = ne_of(t)[0];
+    let values = std::slice::from_raw_parts_mut((*t).data as *mut u16, (lk * lq) as usize);
+    let (zero, hidden) = (half::f16::ZERO.to_bits(), half::f16::NEG_INFINITY.to_bits());
+    for i in 0..lq {
+        for j in 0..lk {
+            let sees = j < length
+                && match mask {
+                    AttentionMask::Causal => j <= length - lq + i,
+                    AttentionMask::SlidingWindow { window, query_offset, key_offset } => {
+                        let (query, key) = (query_offset + i, key_offset + j);
+                        key <= query && query - window < key
+                    }
+                    AttentionMask::None | AttentionMask::Explicit => true,
+                };
+            values[(i * lk + j) as usize] = if sees { zero } else { hidden };
+        }
     }
 }
 

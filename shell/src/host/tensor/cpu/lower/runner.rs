@@ -1,6 +1,6 @@
 //! The process-wide compute resources ggml graphs run on: one thread pool, one graph allocator, one work
-//! buffer, and one context for tensor headers, reset for each graph (a fresh one per token cost a mapping
-//! and page faults).
+//! buffer, and two contexts for tensor headers, reset for each graph (a fresh one per token cost a mapping
+//! and page faults): one may hold the graph kept for reuse (`reuse.rs`) while the other builds the next.
 
 use llama_cpp_sys_2 as g;
 use std::sync::{Mutex, OnceLock};
@@ -16,8 +16,12 @@ pub(super) struct Runner {
     threads: i32,
     allocator: g::ggml_gallocr_t,
     work: Vec<u64>,
-    /// Room for [`REUSED_CONTEXT_TENSORS`] tensor headers (null until first used).
-    headers: *mut g::ggml_context,
+    /// Room for [`REUSED_CONTEXT_TENSORS`] tensor headers each (null until first used).
+    headers: [*mut g::ggml_context; 2],
+    /// The graph computed last: its intermediates still have the places the allocator gave them.
+    last: *mut g::ggml_cgraph,
+    /// The last graph lowered, kept for an evaluation of the same structure (`reuse.rs`).
+    pub(super) kept: Option<super::reuse::KeptGraph>,
 }
 
 // SAFETY: the pool and allocator are only used under the runner's mutex.
@@ -57,13 +61,13 @@ impl Runner {
             let mut params = g::ggml_threadpool_params_default(threads);
             let pool = g::ggml_threadpool_new(&mut params);
             let allocator = g::ggml_gallocr_new(g::ggml_backend_cpu_buffer_type());
-            Runner { pool, threads, allocator, work: Vec::new(), headers: std::ptr::null_mut() }
+            Runner { pool, threads, allocator, work: Vec::new(), headers: [std::ptr::null_mut(); 2], last: std::ptr::null_mut(), kept: None }
         }
     }
 
     /// An empty context with room for `tensors` headers and a graph of them, and whether it is the
-    /// caller's own to free (a very large graph's) or the runner's, reset.
-    pub(super) fn context(&mut self, tensors: usize) -> Result<(*mut g::ggml_context, bool), String> {
+    /// caller's own to free (a very large graph's) or the runner's, reset (never `busy`, the kept graph's).
+    pub(super) fn context(&mut self, tensors: usize, busy: *mut g::ggml_context) -> Result<(*mut g::ggml_context, bool), String> {
         // SAFETY: sizes come from ggml's own overhead functions; no_alloc keeps data out of the context.
         // A reset context is empty again; nothing of an earlier graph is used after its evaluation.
         unsafe {
@@ -75,22 +79,33 @@ impl Runner {
             if tensors > REUSED_CONTEXT_TENSORS {
                 return Ok((init(tensors)?, true));
             }
-            if self.headers.is_null() {
-                self.headers = init(REUSED_CONTEXT_TENSORS)?;
+            let slot = usize::from(!busy.is_null() && self.headers[0] == busy);
+            if self.headers[slot].is_null() {
+                self.headers[slot] = init(REUSED_CONTEXT_TENSORS)?;
             }
-            g::ggml_reset(self.headers);
-            Ok((self.headers, false))
+            g::ggml_reset(self.headers[slot]);
+            Ok((self.headers[slot], false))
         }
     }
 
-    /// Places the graph's intermediates and computes it on the pool.
-    pub(super) fn compute(&mut self, graph: *mut g::ggml_cgraph) -> Result<(), String> {
-        // SAFETY: the graph is complete; the allocator places every intermediate; the work buffer is sized
-        // by ggml's plan and outlives the call.
+    /// Whether `graph` was the last one computed, so its intermediates' places are still its own.
+    pub(super) fn computed_last(&self, graph: *mut g::ggml_cgraph) -> bool {
+        !graph.is_null() && self.last == graph
+    }
+
+    /// Places the graph's intermediates (unless `placed`: it was the last graph computed) and computes it
+    /// on the pool.
+    pub(super) fn compute(&mut self, graph: *mut g::ggml_cgraph, placed: bool) -> Result<(), String> {
+        // SAFETY: the graph is complete; the allocator places every intermediate (or placed them for this
+        // same graph last time, and nothing was placed since); the work buffer is sized by ggml's plan and
+        // outlives the call.
         unsafe {
-            self.fit_allocator(graph);
-            if !g::ggml_gallocr_alloc_graph(self.allocator, graph) {
-                return Err("ggml could not allocate memory for the graph".into());
+            self.last = std::ptr::null_mut();
+            if !(placed && self.computed_last(graph)) {
+                self.fit_allocator(graph);
+                if !g::ggml_gallocr_alloc_graph(self.allocator, graph) {
+                    return Err("ggml could not allocate memory for the graph".into());
+                }
             }
             let mut plan = g::ggml_graph_plan(graph, self.threads, self.pool);
             if plan.work_size > self.work.len() * 8 {
@@ -101,6 +116,7 @@ impl Runner {
             if status != g::GGML_STATUS_SUCCESS {
                 return Err(format!("ggml failed to compute the graph (status {status})"));
             }
+            self.last = graph;
         }
         Ok(())
     }
@@ -137,7 +153,7 @@ impl Runner {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Array, Buffer, Graph, Kept, Op};
+    use super::super::{Array, Buffer, Graph, Kept, Op, Structure};
     use super::*;
     use crate::host::tensor::DType;
 
@@ -149,7 +165,8 @@ mod tests {
         let square = Array::pending(shape.clone(), DType::F32, Op::Multiply, vec![x.clone(), x.clone()]);
         let sum = Array::pending(shape, DType::F32, Op::Add, vec![square.clone(), x]);
         let order = [square, sum.clone()];
-        Graph::new(runner, order.len(), 4).unwrap().run(runner, &order, &[Kept::No, Kept::Result]).unwrap();
+        let keep = [Kept::No, Kept::Result];
+        Graph::new(runner, order.len(), 4, &Structure::of(&order, &keep)).unwrap().run(runner, &order, &keep).unwrap();
         let bytes = sum.buffer().expect("computed");
         bytes.bytes().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     }

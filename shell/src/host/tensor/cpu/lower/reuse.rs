@@ -1,0 +1,355 @@
+//! Reusing a lowered ggml graph. Decode steps evaluate the same ~550 ops token after token; lowering them
+//! to a fresh ggml graph, and placing its intermediates, was ~0.85 ms of each ~20 ms step. So the last
+//! graph is kept, and an evaluation whose [`Structure`] equals the kept one's computes the kept graph
+//! again after rewriting what differs between steps: where each leaf's data is, the rope positions, the
+//! attention masks, and where a cache's new rows go ([`Graph::patch`]).
+//!
+//! The structure is every fact the lowering reads, written out exactly (ops with their parameters,
+//! shapes, types, how nodes connect, what is kept), except the rope offsets and attention mask offsets,
+//! which only fill buffers the patch rewrites. A cache's length would change the structure every step,
+//! so a cache that is appended in place and read only by single-query attention is lowered at its
+//! capacity rounded up to [`PAD_ROWS`] rows, with the rows past its length masked out of attention (as
+//! llama.cpp pads its caches); ggml's attention skips masked keys.
+
+use super::{ne, Graph, HashMap, Kept, Runner, T};
+use crate::host::tensor::cpu::{Array, AttentionMask, Node, Op, State};
+use crate::host::tensor::{DType, OpResult};
+use llama_cpp_sys_2 as g;
+use std::sync::Arc;
+
+/// Caches read by attention are lowered at their length rounded up to this many rows.
+pub(super) const PAD_ROWS: i64 = 256;
+
+/// What the lowering of one evaluation depends on, beyond the values of its data.
+pub(in crate::host::tensor::cpu) struct Structure {
+    /// Everything the lowering reads, as numbers, compared exactly (never by a hash an adapter could
+    /// collide).
+    key: Vec<u64>,
+    /// The data arrays the graph reads, numbered in order of first use; None for the old part of an
+    /// append, which only its append may hold (see [`appendable`]).
+    pub(super) leaves: Vec<Option<Array>>,
+    pub(super) leaf_number: HashMap<*const Node, usize>,
+    /// Per node of the order: the rows a cache append is lowered at, when padded.
+    pub(super) padded: Vec<Option<i64>>,
+}
+
+/// Where an input comes from, in the key: a node of this graph or a numbered leaf.
+const FROM_NODE: u64 = 1 << 62;
+
+impl Structure {
+    pub(in crate::host::tensor::cpu) fn of(order: &[Array], keep: &[Kept]) -> Structure {
+        let index: HashMap<*const Node, usize> = order.iter().enumerate().map(|(i, a)| (Arc::as_ptr(&a.0), i)).collect();
+        let (appends, padded) = appends(order, &index);
+        let mut s = Structure { key: Vec::with_capacity(order.len() * 16), leaves: Vec::new(), leaf_number: HashMap::default(), padded };
+        // Attention nodes that share a mask (same kind, offsets and sizes) share one ggml tensor.
+        let mut masks: Vec<((AttentionMask, i64, i64), usize)> = Vec::new();
+        for (i, node) in order.iter().enumerate() {
+            let state = node.state();
+            let State::Pending(op, inputs) = &*state else { continue };
+            op_key(op, &mut s.key);
+            s.key.extend([node.0.dtype as u64, keep[i] as u64, u64::from(appends[i]), inputs.len() as u64]);
+            s.shape(&node.0.shape, s.padded[i]);
+            if let Op::Attention { mask, .. } = op {
+                let sizes = (*mask, inputs[0].0.shape[2] as i64, inputs[1].0.shape[2] as i64);
+                let group = masks.iter().find(|(m, _)| *m == sizes).map_or(i, |&(_, first)| first);
+                masks.push((sizes, group));
+                s.key.push(group as u64);
+            }
+            for (position, input) in inputs.iter().enumerate() {
+                let key = Arc::as_ptr(&input.0);
+                if let Some(&j) = index.get(&key) {
+                    s.key.push(FROM_NODE | j as u64);
+                    continue;
+                }
+                let next = s.leaves.len();
+                let n = *s.leaf_number.entry(key).or_insert(next);
+                s.key.push(n as u64);
+                if n == next {
+                    s.leaves.push((position != 0 || !appends[i]).then(|| input.clone()));
+                    s.key.extend([input.0.dtype as u64, input.0.blocks.map_or(u64::MAX, u64::from)]);
+                    // The old part of a padded append is grown in place, to the same padded rows.
+                    s.shape(&input.0.shape, if position == 0 { s.padded[i] } else { None });
+                }
+            }
+        }
+        s
+    }
+
+    fn shape(&mut self, shape: &[i32], padded: Option<i64>) {
+        self.key.push(shape.len() as u64);
+        let rank = shape.len();
+        for (axis, &d) in shape.iter().enumerate() {
+            let d = match padded {
+                Some(rows) if axis + 2 == rank => rows,
+                _ => d as i64,
+            };
+            self.key.push(d as u64);
+        }
+    }
+}
+
+/// The parts of an op the lowering reads, exhaustively (a new op must say what it adds). Rope offsets and
+/// mask offsets are left out: they only fill buffers [`Graph::patch`] rewrites.
+fn op_key(op: &Op, key: &mut Vec<u64>) {
+    let bits = |f: f32| u64::from(f.to_bits());
+    match op {
+        Op::MatMul => key.push(1),
+        Op::Add => key.push(2),
+        Op::Subtract => key.push(3),
+        Op::Multiply => key.push(4),
+        Op::Divide => key.push(5),
+        Op::Scale(f) => key.extend([6, bits(*f)]),
+        Op::AddScalar(v) => key.extend([7, bits(*v)]),
+        Op::Tanh => key.push(8),
+        Op::Sigmoid => key.push(9),
+        Op::Silu => key.push(10),
+        Op::GeluTanh => key.push(11),
+        Op::Cast => key.push(12),
+        Op::Reshape => key.push(13),
+        Op::Transpose(axes) => {
+            key.extend([14, axes.len() as u64]);
+            key.extend(axes.iter().map(|&a| a as u64));
+        }
+        Op::Slice(ranges) | Op::SliceUpdate(ranges) => {
+            key.extend([if matches!(op, Op::Slice(_)) { 15 } else { 16 }, ranges.len() as u64]);
+            key.extend(ranges.iter().flat_map(|&(start, len)| [start as u64, len as u64]));
+        }
+        Op::Concat(axis) => key.extend([17, *axis as u64]),
+        Op::TakeRows => key.push(18),
+        Op::Softmax(axis) => key.extend([19, *axis as u64]),
+        Op::RmsNorm(eps) => key.extend([20, bits(*eps)]),
+        Op::Rope(p) => key.extend([21, p.dims as u64, u64::from(p.traditional), bits(p.base), bits(p.scale)]),
+        Op::Attention { scale, mask } => {
+            key.extend([22, bits(*scale)]);
+            match mask {
+                AttentionMask::None => key.push(0),
+                AttentionMask::Causal => key.push(1),
+                AttentionMask::SlidingWindow { window, .. } => key.extend([2, *window as u64]),
+                AttentionMask::Explicit => key.push(3),
+            }
+        }
+        Op::Conv1dDepthwise => key.push(23),
+        Op::Dequantize => key.push(24),
+    }
+}
+
+/// Whether `concatenate(old, new)` can be computed by writing `new` after `old` in old's own buffer: one
+/// float type throughout, only unit axes before the joined one, and nothing but this op holding `old` or
+/// its buffer. See [`Graph::append`].
+pub(super) fn appendable(op: &Op, inputs: &[Array], node: &Array) -> bool {
+    let (Op::Concat(axis), [old, new]) = (op, inputs) else { return false };
+    let dtype = node.0.dtype;
+    let stored = matches!(dtype, DType::F32 | DType::F16) && old.0.dtype == dtype && old.0.blocks.is_none();
+    let sole_buffer = match &*old.state() {
+        State::Ready(buffer) => Arc::strong_count(buffer) == 1,
+        State::Pending(..) => false,
+    };
+    stored && node.0.shape[..*axis].iter().all(|&d| d == 1) && Arc::strong_count(&old.0) == 1 && sole_buffer && new.elements() > 0
+}
+
+/// Which nodes are appends, and those lowered at a padded length: rank-4 caches joined along their
+/// sequence axis and read by nothing but single-query attention, as keys or values (a decode step's).
+/// Prefill chunks keep exact lengths, so a prompt computes as it always has.
+fn appends(order: &[Array], index: &HashMap<*const Node, usize>) -> (Vec<bool>, Vec<Option<i64>>) {
+    let appends: Vec<bool> = order
+        .iter()
+        .map(|node| match &*node.state() {
+            State::Pending(op, inputs) => appendable(op, inputs, node),
+            State::Ready(_) => false,
+        })
+        .collect();
+    let mut padded: Vec<Option<i64>> = order
+        .iter()
+        .zip(&appends)
+        .map(|(node, &append)| match &*node.state() {
+            State::Pending(Op::Concat(2), _) if append && node.0.shape.len() == 4 => {
+                let rows = node.0.shape[2] as i64;
+                Some((rows + PAD_ROWS - 1) / PAD_ROWS * PAD_ROWS)
+            }
+            _ => None,
+        })
+        .collect();
+    let mut read = vec![false; order.len()];
+    for node in order {
+        let state = node.state();
+        let State::Pending(op, inputs) = &*state else { continue };
+        for (position, input) in inputs.iter().enumerate() {
+            let Some(&j) = index.get(&Arc::as_ptr(&input.0)) else { continue };
+            read[j] = true;
+            let by_decode_attention = matches!(op, Op::Attention { mask, .. } if *mask != AttentionMask::Explicit)
+                && (position == 1 || position == 2)
+                && inputs[0].0.shape[2] == 1;
+            if !by_decode_attention {
+                padded[j] = None;
+            }
+        }
+    }
+    let padded = padded.iter().zip(read).map(|(&p, read)| p.filter(|_| read)).collect();
+    (appends, padded)
+}
+
+/// The graph kept from the last evaluation, for the next one of the same structure.
+pub(in crate::host::tensor::cpu) struct KeptGraph {
+    key: Vec<u64>,
+    graph: Graph,
+}
+
+impl KeptGraph {
+    pub(super) fn context(&self) -> *mut g::ggml_context {
+        self.graph.ctx
+    }
+}
+
+/// Graphs computed again from a kept one (for tests and `bench`).
+static REUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub(in crate::host::tensor) fn reused_graphs() -> u64 {
+    REUSED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Computes `order` with the kept graph if its structure is `structure`'s and its intermediates are
+/// still placed (it was the last graph computed). None when it cannot be reused.
+pub(super) fn replay(runner: &mut Runner, order: &[Array], structure: &Structure) -> Option<OpResult<()>> {
+    let kept = runner.kept.as_ref()?;
+    if kept.key != structure.key || !runner.computed_last(kept.graph.graph) {
+        return None;
+    }
+    let mut kept = runner.kept.take()?;
+    let result = kept.graph.patch(order, structure).and_then(|()| kept.graph.finish(runner, order, true));
+    if result.is_ok() {
+        REUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        runner.kept = Some(kept);
+    }
+    Some(result)
+}
+
+/// Keeps `graph`, just computed for `structure`, for the next evaluation (unless it lives in a context
+/// of its own, or its lowering met something the structure does not describe).
+pub(super) fn keep(runner: &mut Runner, graph: Graph, structure: Structure) {
+    runner.kept = (!graph.owned && graph.bindings.complete).then_some(KeptGraph { key: structure.key, graph });
+}
+
+/// What a kept graph rewrites for each evaluation: recorded while lowering.
+#[derive(Default)]
+pub(super) struct Bindings {
+    /// Tensors over leaf data, by leaf number.
+    pub(super) leaves: Vec<(usize, T)>,
+    /// Rope positions: the rope node and the tensor of its positions.
+    pub(super) positions: Vec<(usize, T)>,
+    /// Attention masks the shell built: the attention node that made it and the mask.
+    pub(super) masks: Vec<(usize, T)>,
+    /// In-place appends: the node, the cache tensor, and the two views its new rows are copied through.
+    pub(super) appends: Vec<(usize, T, [T; 2])>,
+    /// False when the lowering read something outside the structure: the graph is not kept.
+    pub(super) complete: bool,
+}
+
+impl Graph {
+    /// Points the kept graph at this evaluation's data and rewrites its positions, masks and appends.
+    fn patch(&mut self, order: &[Array], structure: &Structure) -> OpResult<()> {
+        let leaves = std::mem::take(&mut self.bindings.leaves);
+        for &(n, t) in &leaves {
+            let leaf = structure.leaves[n].as_ref().ok_or("a kept graph lost a leaf")?;
+            let buffer = leaf.buffer().ok_or("the cpu backend met an input it had not computed")?;
+            // SAFETY: t is a tensor of the kept graph's context; the buffer is held until the graph is done.
+            unsafe { (*t).data = buffer.ptr() };
+            self.held.push(buffer);
+        }
+        self.bindings.leaves = leaves;
+        for &(i, t) in &self.bindings.positions {
+            let State::Pending(Op::Rope(p), _) = &*order[i].state() else { return Err("a kept graph lost a rope".into()) };
+            // SAFETY: the positions tensor holds ne[0] i32 values in a buffer the graph owns.
+            unsafe { super::fused::write_positions(t, p.offset) };
+        }
+        for &(i, t) in &self.bindings.masks {
+            let State::Pending(Op::Attention { mask, .. }, inputs) = &*order[i].state() else { return Err("a kept graph lost an attention".into()) };
+            let (lq, lk) = (inputs[0].0.shape[2] as i64, inputs[1].0.shape[2] as i64);
+            // SAFETY: the mask is an f16 tensor of ne[0] * ne[1] values in a buffer the graph owns.
+            unsafe { super::fused::write_mask(t, *mask, lq, lk) };
+        }
+        let appends = std::mem::take(&mut self.bindings.appends);
+        for &(i, full, views) in &appends {
+            let state = order[i].state();
+            let State::Pending(_, inputs) = &*state else { return Err("a kept graph lost an append".into()) };
+            // SAFETY: a size query on a tensor of the kept graph.
+            let room = unsafe { g::ggml_nbytes(full) };
+            let buffer = self.grow(&inputs[0], &order[i], room)?.ok_or("could not grow a cache in place")?;
+            self.place(&order[i], &inputs[0], buffer, full, views);
+        }
+        self.bindings.appends = appends;
+        Ok(())
+    }
+
+    /// The ne the node being lowered is lowered to: its shape's, or a padded append's padded rows.
+    pub(super) fn lowered_ne(&self, node: &Array) -> OpResult<[i64; 4]> {
+        let mut n = ne(&node.0.shape)?;
+        if let Some(rows) = self.padded.get(self.current).copied().flatten() {
+            n[1] = rows;
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::host::tensor::cpu::{reused_graphs, Array, CpuBackend};
+    use crate::host::tensor::{Backend, Mask, Rope};
+
+    /// How the decode loop below is computed.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Way {
+        /// Each step computes the graph kept from the last one when it can.
+        Reusing,
+        /// The kept graph is dropped before each step: every step is lowered afresh (still padded).
+        Lowering,
+        /// The old caches are also held elsewhere, so they are joined by copying, at their exact length.
+        Copying,
+    }
+
+    /// A single-head decode loop over a 4-row prompt: rope, a cache per keys and values appended every
+    /// step, sliding-window and causal attention, an output product. Returns every step's output.
+    fn decode(way: Way, steps: i32) -> Vec<Vec<f32>> {
+        let cpu = CpuBackend;
+        let values = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32 * 0.37 + seed).sin())).collect() };
+        let w = |seed: f32| cpu.from_f32(&values(64, seed), &[8, 8]).unwrap();
+        let (wq, wk, wv, wo) = (w(1.0), w(2.0), w(3.0), w(4.0));
+        let rope = |x: &Array, offset: i32| cpu.rope(x, Rope { dims: 8, traditional: false, base: 10_000.0, scale: 1.0, offset }).unwrap();
+        let project = |x: &Array, w: &Array, rows: i32| cpu.reshape(&cpu.matmul(x, w).unwrap(), &[1, 1, rows, 8]).unwrap();
+        let prompt = cpu.from_f32(&values(32, 0.5), &[4, 8]).unwrap();
+        let mut keys = rope(&project(&prompt, &wk, 4), 0);
+        let mut vals = project(&prompt, &wv, 4);
+        cpu.eval(&[&keys, &vals]).unwrap();
+        let mut outputs = Vec::new();
+        for step in 0..steps {
+            let position = 4 + step;
+            let x = cpu.from_f32(&values(8, position as f32), &[1, 8]).unwrap();
+            let q = rope(&project(&x, &wq, 1), position);
+            let held = (way == Way::Copying).then(|| (keys.clone(), vals.clone()));
+            keys = cpu.concatenate(&[&keys, &rope(&project(&x, &wk, 1), position)], 2).unwrap();
+            vals = cpu.concatenate(&[&vals, &project(&x, &wv, 1)], 2).unwrap();
+            let local = cpu.attention(&q, &keys, &vals, 0.35, Mask::SlidingWindow { window: 5, query_offset: position, key_offset: 0 }).unwrap();
+            let global = cpu.attention(&q, &keys, &vals, 0.35, Mask::Causal).unwrap();
+            let out = cpu.matmul(&cpu.reshape(&cpu.add(&local, &global).unwrap(), &[1, 8]).unwrap(), &wo).unwrap();
+            if way == Way::Lowering {
+                super::super::runner().lock().unwrap().kept = None;
+            }
+            outputs.push(cpu.read_f32(&out).unwrap());
+            drop(held);
+        }
+        outputs
+    }
+
+    #[test]
+    fn a_reused_graph_computes_what_a_fresh_one_does() {
+        // 300 steps: the caches' padded length goes from 256 to 512 rows on the way.
+        let before = reused_graphs();
+        let reusing = decode(Way::Reusing, 300);
+        assert!(reused_graphs() > before, "no graph was reused");
+        assert!(reusing == decode(Way::Lowering, 300), "a reused graph computes exactly what the same graph lowered afresh does");
+        // Padded and exact caches: the same attention up to the order ggml sums in past 512 rows.
+        for (step, (padded, exact)) in reusing.iter().zip(decode(Way::Copying, 300)).enumerate() {
+            let diff = padded.iter().zip(&exact).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(diff < 1e-5, "step {step}: padded caches differ from exact ones by {diff}");
+        }
+    }
+}
