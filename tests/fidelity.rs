@@ -187,7 +187,14 @@ fn decoding_past_the_kept_history_matches_the_whole_sequence() {
         // and, around each of the histories' two cut-backs, the three model code recorded again.
         let replayed = model.session().state().unwrap().tensors.template_runs;
         assert!((200..=218).contains(&replayed), "{name}: {replayed} of 220 steps were replayed");
-        eprintln!("{name}: {} graphs reused", edgechat::host::tensor::cpu::reused_graphs() - reused_before);
+        // On the cpu backend, Gemma 3's decode steps (a single kv head, so caches append in place) compute
+        // the ggml graph kept from the step before; other tests evaluating in parallel can only lower
+        // that count, so this asserts only that reuse happened. LFM2's caches have several kv heads and
+        // are joined by copying, so its graphs change every step.
+        let reused = edgechat::host::tensor::cpu::reused_graphs() - reused_before;
+        if edgechat::host::tensor::active::chosen() == edgechat::host::tensor::BackendKind::Cpu && adapter == "gemma" {
+            assert!(reused > 0, "{name}: no decode step reused a graph");
+        }
     }
 }
 
