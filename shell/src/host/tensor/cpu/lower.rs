@@ -192,8 +192,12 @@ struct Graph {
     outputs: Vec<Output>,
     /// The node of the order being lowered.
     current: usize,
-    /// From the [`Structure`]: each node's padded rows, and the leaves' numbers.
+    /// From the [`Structure`]: each node's padded rows, the GELUs computed in their products, and the
+    /// leaves' numbers.
     padded: Vec<Option<i64>>,
+    gelu_in_product: Vec<bool>,
+    /// The GELU nodes left to their products so far.
+    in_product: HashSet<*const super::Node>,
     leaf_number: HashMap<*const super::Node, usize>,
     bindings: Bindings,
 }
@@ -237,6 +241,8 @@ impl Graph {
             outputs: Vec::new(),
             current: 0,
             padded: structure.padded.clone(),
+            gelu_in_product: structure.gelu_in_product.clone(),
+            in_product: HashSet::default(),
             leaf_number: structure.leaf_number.clone(),
             bindings: Bindings { complete: true, ..Bindings::default() },
         })
@@ -267,6 +273,11 @@ impl Graph {
                     deferred.insert(Arc::as_ptr(&node.0));
                     continue;
                 }
+                if self.gelu_in_product[i] {
+                    // Computed by the product that reads it (see `gated`).
+                    self.in_product.insert(Arc::as_ptr(&node.0));
+                    continue;
+                }
                 // A product reads a deferred weight as stored (see `matmul`); any other reader gets its view.
                 let as_stored = |i: usize| matches!(op, Op::MatMul) && i == 1;
                 for (i, input) in inputs.iter().enumerate() {
@@ -277,6 +288,8 @@ impl Graph {
                     }
                 }
                 if let Some(t) = self.append(op, inputs, node, &lowered)? {
+                    t
+                } else if let Some(t) = self.gated(op, inputs, &lowered, &deferred)? {
                     t
                 } else {
                 let mut args = Vec::with_capacity(inputs.len());

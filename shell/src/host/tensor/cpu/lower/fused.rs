@@ -1,7 +1,7 @@
 //! The lowerings that are more than one ggml call: caches appended in place, GELU as one exact node,
 //! rope through strides, attention as ggml's fused kernel with the shell's masks.
 
-use super::{ggml_type, ne, ne_of, reuse, Graph, HashMap, T};
+use super::{ggml_type, ne, ne_of, reuse, Graph, HashMap, HashSet, T};
 use crate::host::tensor::cpu::{Array, AttentionMask, Buffer, Node, Op, State};
 use crate::host::tensor::{OpResult, Rope};
 use llama_cpp_sys_2 as g;
@@ -67,31 +67,38 @@ impl Graph {
         self.appended.insert(Arc::as_ptr(&node.0), buffer);
     }
 
+    /// `gelu_tanh(gate) * up` as one node, for a GELU that only this product reads (see
+    /// `reuse::gelus_in_products`): Gemma's MLP, one node and one pass over memory fewer per layer, and
+    /// the same f32 arithmetic as the two ops.
+    pub(super) fn gated(&mut self, op: &Op, inputs: &[Array], lowered: &HashMap<*const Node, T>, deferred: &HashSet<*const Node>) -> OpResult<Option<T>> {
+        let (Op::Multiply, [a, b]) = (op, inputs) else { return Ok(None) };
+        let (gelu, other) = match (self.in_product.contains(&Arc::as_ptr(&a.0)), self.in_product.contains(&Arc::as_ptr(&b.0))) {
+            (true, _) => (a, b),
+            (false, true) => (b, a),
+            (false, false) => return Ok(None),
+        };
+        let gate = match &*gelu.state() {
+            State::Pending(Op::GeluTanh, gate) => gate[0].clone(),
+            _ => return Err("the cpu backend lost a GELU it had left to its product".into()),
+        };
+        let mut tensor = |a: &Array| -> OpResult<T> {
+            let key = Arc::as_ptr(&a.0);
+            match lowered.get(&key) {
+                Some(&t) => Ok(t),
+                None if deferred.contains(&key) => self.transposed_leaf(a),
+                None => self.leaf(a),
+            }
+        };
+        let (gate, other) = (tensor(&gate)?, tensor(other)?);
+        let (gate, other) = (self.act(gate)?, self.act(other)?);
+        // SAFETY: both are contiguous f32 tensors of the product's shape (checked by the structure).
+        Ok(Some(unsafe { g::ggml_map_custom2(self.ctx, gate, other, Some(gated_gelu_rows), -1, std::ptr::null_mut()) }))
+    }
+
     /// GELU (tanh approximation) in f32, as one node on every thread: ggml's own GELU reads an f16 table,
     /// and composing it from ggml ops takes eight nodes, each a barrier for the thread pool.
     pub(super) unsafe fn gelu_tanh(&self, x: T) -> T {
-        /// ggml calls this on each of `nth` threads; thread `ith` takes its share of the elements of a
-        /// contiguous f32 `a` (act() made it so) into `dst`, a new tensor of the same shape.
-        unsafe extern "C" fn rows(dst: *mut g::ggml_tensor, a: *const g::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
-            // SAFETY: both tensors hold ggml_nelements(a) contiguous f32 values, and the threads' ranges
-            // are disjoint.
-            unsafe {
-                let n = g::ggml_nelements(a) as usize;
-                let share = n.div_ceil(nth.max(1) as usize);
-                let (start, end) = ((ith as usize * share).min(n), ((ith as usize + 1) * share).min(n));
-                let x = std::slice::from_raw_parts((*a).data as *const f32, n);
-                let y = std::slice::from_raw_parts_mut((*dst).data as *mut f32, n);
-                let c = (2.0f32 / std::f32::consts::PI).sqrt();
-                // 0.5 (1 + tanh u) is sigmoid(2u): one exp instead of tanh's expm1 and more (GELU was
-                // ~5 % of a 512-token prefill with tanh). It stays finite at both ends: exp overflowing
-                // to infinity gives -0, exp vanishing gives v.
-                for (out, &v) in y[start..end].iter_mut().zip(&x[start..end]) {
-                    let u = c * (v + 0.044715 * v * v * v);
-                    *out = v / (1.0 + exp(-2.0 * u));
-                }
-            }
-        }
-        g::ggml_map_custom1(self.ctx, x, Some(rows), -1, std::ptr::null_mut())
+        g::ggml_map_custom1(self.ctx, x, Some(gelu_rows), -1, std::ptr::null_mut())
     }
 
     /// MLX's rope over x [.., heads, seq, d]; ggml's rotates x [d, heads, seq, batch] by positions along seq.
@@ -162,6 +169,50 @@ impl Graph {
     }
 }
 
+/// ggml calls these on each of `nth` threads; thread `ith` takes its share of the elements of a contiguous
+/// f32 `a` (act() made it so) into `dst`, a new tensor of the same shape: GELU, and for the gated one
+/// times `b`, contiguous f32 of the same shape.
+unsafe extern "C" fn gelu_rows(dst: *mut g::ggml_tensor, a: *const g::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
+    // SAFETY: as documented above.
+    unsafe { gelu_share(dst, a, None, ith, nth) }
+}
+
+unsafe extern "C" fn gated_gelu_rows(dst: *mut g::ggml_tensor, a: *const g::ggml_tensor, b: *const g::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
+    // SAFETY: as documented above.
+    unsafe { gelu_share(dst, a, Some(b), ith, nth) }
+}
+
+/// # Safety
+/// `dst`, `a` and `up` hold ggml_nelements(a) contiguous f32 values; the threads' ranges are disjoint.
+unsafe fn gelu_share(dst: *mut g::ggml_tensor, a: *const g::ggml_tensor, up: Option<*const g::ggml_tensor>, ith: i32, nth: i32) {
+    // SAFETY: per the contract above.
+    unsafe {
+        let n = g::ggml_nelements(a) as usize;
+        let share = n.div_ceil(nth.max(1) as usize);
+        let (start, end) = ((ith as usize * share).min(n), ((ith as usize + 1) * share).min(n));
+        let x = &std::slice::from_raw_parts((*a).data as *const f32, n)[start..end];
+        let y = &mut std::slice::from_raw_parts_mut((*dst).data as *mut f32, n)[start..end];
+        let c = (2.0f32 / std::f32::consts::PI).sqrt();
+        // 0.5 (1 + tanh u) is sigmoid(2u): one exp instead of tanh's expm1 and more (GELU was ~5 % of a
+        // 512-token prefill with tanh). It stays finite at both ends: exp overflowing to infinity gives
+        // -0, exp vanishing gives v.
+        let gelu = |v: f32| v / (1.0 + exp(-2.0 * (c * (v + 0.044715 * v * v * v))));
+        match up {
+            Some(up) => {
+                let up = &std::slice::from_raw_parts((*up).data as *const f32, n)[start..end];
+                for ((out, &v), &u) in y.iter_mut().zip(x).zip(up) {
+                    *out = gelu(v) * u;
+                }
+            }
+            None => {
+                for (out, &v) in y.iter_mut().zip(x) {
+                    *out = gelu(v);
+                }
+            }
+        }
+    }
+}
+
 /// Rope positions `offset`, `offset` + 1, ... into an i32 tensor the graph owns.
 ///
 /// # Safety
@@ -227,6 +278,27 @@ fn exp(t: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::exp;
+    use crate::host::tensor::cpu::CpuBackend;
+    use crate::host::tensor::Backend;
+
+    /// `gelu(gate) * up` in one graph (one fused node) equals the GELU computed and read first, then
+    /// multiplied: the same f32 arithmetic, bit for bit, whichever operand the GELU is.
+    #[test]
+    fn a_gelu_computed_inside_its_product_is_exact() {
+        let cpu = CpuBackend;
+        let values = |seed: f32| -> Vec<f32> { (0..3000).map(|i| (i as f32 * 0.013 + seed).sin() * 6.0).collect() };
+        let gate = cpu.from_f32(&values(0.1), &[3, 1000]).unwrap();
+        let up = cpu.from_f32(&values(0.7), &[3, 1000]).unwrap();
+        // (Each GELU is a temporary of its own statement: nothing but the product holds it when evaluated.)
+        let fused = cpu.multiply(&cpu.gelu_tanh(&gate).unwrap(), &up).unwrap();
+        let swapped = cpu.multiply(&up, &cpu.gelu_tanh(&gate).unwrap()).unwrap();
+        let (fused, swapped) = (cpu.read_f32(&fused).unwrap(), cpu.read_f32(&swapped).unwrap());
+        let gelu = cpu.gelu_tanh(&gate).unwrap();
+        cpu.eval(&[&gelu]).unwrap();
+        let separate = cpu.read_f32(&cpu.multiply(&gelu, &up).unwrap()).unwrap();
+        assert!(fused == separate && swapped == separate);
+        assert!(separate.iter().any(|&v| v != 0.0));
+    }
 
     #[test]
     fn exp_matches_libm_within_a_few_ulp_and_saturates_like_it() {

@@ -31,6 +31,9 @@ pub(in crate::host::tensor::cpu) struct Structure {
     pub(super) leaf_number: HashMap<*const Node, usize>,
     /// Per node of the order: the rows a cache append is lowered at, when padded.
     pub(super) padded: Vec<Option<i64>>,
+    /// Per node of the order: a GELU computed inside the product that alone reads it (see
+    /// [`Graph::gelu_tanh`]).
+    pub(super) gelu_in_product: Vec<bool>,
 }
 
 /// Where an input comes from, in the key: a node of this graph or a numbered leaf.
@@ -40,7 +43,8 @@ impl Structure {
     pub(in crate::host::tensor::cpu) fn of(order: &[Array], keep: &[Kept]) -> Structure {
         let index: HashMap<*const Node, usize> = order.iter().enumerate().map(|(i, a)| (Arc::as_ptr(&a.0), i)).collect();
         let (appends, padded) = appends(order, &index);
-        let mut s = Structure { key: Vec::with_capacity(order.len() * 16), leaves: Vec::new(), leaf_number: HashMap::default(), padded };
+        let gelu_in_product = gelus_in_products(order, keep, &index);
+        let mut s = Structure { key: Vec::with_capacity(order.len() * 16), leaves: Vec::new(), leaf_number: HashMap::default(), padded, gelu_in_product };
         // Attention nodes that share a mask (same kind, offsets and sizes) share one ggml tensor.
         let mut masks: Vec<((AttentionMask, i64, i64), usize)> = Vec::new();
         for (i, node) in order.iter().enumerate() {
@@ -145,6 +149,24 @@ pub(super) fn appendable(op: &Op, inputs: &[Array], node: &Array) -> bool {
         State::Pending(..) => false,
     };
     stored && node.0.shape[..*axis].iter().all(|&d| d == 1) && Arc::strong_count(&old.0) == 1 && sole_buffer && new.elements() > 0
+}
+
+/// The GELU nodes read only by one elementwise product of their own shape, and not kept: a gated MLP's
+/// `gelu(gate) * up`, computed as one node.
+fn gelus_in_products(order: &[Array], keep: &[Kept], index: &HashMap<*const Node, usize>) -> Vec<bool> {
+    let mut readers = vec![0usize; order.len()];
+    let mut candidate = vec![false; order.len()];
+    for node in order {
+        let state = node.state();
+        let State::Pending(op, inputs) = &*state else { continue };
+        for input in inputs {
+            let Some(&j) = index.get(&Arc::as_ptr(&input.0)) else { continue };
+            readers[j] += 1;
+            let same_shapes = inputs.iter().all(|i| i.0.shape == node.0.shape);
+            candidate[j] = matches!(op, Op::Multiply) && same_shapes && node.elements() > 0 && matches!(&*input.state(), State::Pending(Op::GeluTanh, _));
+        }
+    }
+    (0..order.len()).map(|j| candidate[j] && readers[j] == 1 && keep[j] == Kept::No).collect()
 }
 
 /// Which nodes are appends, and those lowered at a padded length: rank-4 caches joined along their
