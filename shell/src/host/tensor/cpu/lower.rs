@@ -264,6 +264,7 @@ impl Graph {
             if node.elements() == 0 {
                 // Nothing to compute (ggml's kernels assume at least one element): an empty result.
                 *node.state() = State::Ready(Arc::new(Buffer::zeroed(0)));
+                self.bindings.empty.push(i);
                 continue;
             }
             let t = {
@@ -339,6 +340,9 @@ impl Graph {
                 self.outputs.push(Output { node: i, out, own });
             }
         }
+        self.leaves.clear();
+        self.leaf_number.clear();
+        self.in_product.clear();
         Ok(())
     }
 
@@ -372,7 +376,10 @@ impl Graph {
             }
         }
         let result = runner.compute(self.graph, placed).and_then(|()| self.results(order, own));
+        // Nothing of this evaluation stays with a graph that may be kept: the maps are keyed by nodes
+        // whose addresses later nodes may reuse.
         self.held.clear();
+        self.appended.clear();
         result
     }
 

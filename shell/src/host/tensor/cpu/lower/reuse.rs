@@ -262,6 +262,8 @@ pub(super) struct Bindings {
     pub(super) masks: Vec<(usize, T)>,
     /// In-place appends: the node, the cache tensor, and the two views its new rows are copied through.
     pub(super) appends: Vec<(usize, T, [T; 2])>,
+    /// Nodes with no elements, which are results without being computed.
+    pub(super) empty: Vec<usize>,
     /// False when the lowering read something outside the structure: the graph is not kept.
     pub(super) complete: bool,
 }
@@ -269,6 +271,9 @@ pub(super) struct Bindings {
 impl Graph {
     /// Points the kept graph at this evaluation's data and rewrites its positions, masks and appends.
     fn patch(&mut self, order: &[Array], structure: &Structure) -> OpResult<()> {
+        for &i in &self.bindings.empty {
+            *order[i].state() = State::Ready(Arc::new(crate::host::tensor::cpu::Buffer::zeroed(0)));
+        }
         let leaves = std::mem::take(&mut self.bindings.leaves);
         for &(n, t) in &leaves {
             let leaf = structure.leaves[n].as_ref().ok_or("a kept graph lost a leaf")?;
@@ -359,6 +364,39 @@ mod tests {
             drop(held);
         }
         outputs
+    }
+
+    /// A kept graph holds nothing of the evaluation that made it: an append that was not a result left
+    /// its buffer under its node's address, and a later node at that address took it for its own.
+    #[test]
+    fn a_kept_graph_keeps_nothing_of_its_evaluation() {
+        let cpu = CpuBackend;
+        let old = cpu.from_f32(&[1.0; 8], &[1, 2, 4]).unwrap();
+        let joined = cpu.concatenate(&[&old, &cpu.from_f32(&[2.0; 4], &[1, 1, 4]).unwrap()], 1).unwrap();
+        drop(old);
+        let doubled = cpu.scale(&joined, 2.0).unwrap();
+        drop(joined);
+        assert_eq!(cpu.read_f32(&doubled).unwrap(), [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 4.0, 4.0, 4.0, 4.0]);
+        // (Whichever graph is kept now, maybe another test's, holds nothing either.)
+        let runner = super::super::runner().lock().unwrap();
+        let kept = runner.kept.as_ref().expect("a graph is kept");
+        assert!(kept.graph.appended.is_empty() && kept.graph.held.is_empty() && kept.graph.leaves.is_empty() && kept.graph.leaf_number.is_empty());
+    }
+
+    /// An empty result of a reused graph is data, as it is when the graph is lowered.
+    #[test]
+    fn a_reused_graph_still_makes_its_empty_results() {
+        let cpu = CpuBackend;
+        let before = reused_graphs();
+        for step in 0..3 {
+            let x = cpu.from_f32(&[step as f32; 4], &[1, 4]).unwrap();
+            let doubled = cpu.scale(&x, 2.0).unwrap();
+            let nothing = cpu.slice(&doubled, &[0, 0], &[0, 4]).unwrap();
+            cpu.eval(&[&doubled, &nothing]).unwrap();
+            assert!(nothing.buffer().is_some(), "step {step}: the empty result was made");
+            assert_eq!(cpu.read_f32(&doubled).unwrap(), vec![2.0 * step as f32; 4]);
+        }
+        assert!(reused_graphs() > before, "no graph was reused");
     }
 
     #[test]

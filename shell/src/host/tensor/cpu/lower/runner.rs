@@ -100,8 +100,9 @@ impl Runner {
         // same graph last time, and nothing was placed since); the work buffer is sized by ggml's plan and
         // outlives the call.
         unsafe {
+            let placed = placed && self.computed_last(graph);
             self.last = std::ptr::null_mut();
-            if !(placed && self.computed_last(graph)) {
+            if !placed {
                 self.fit_allocator(graph);
                 if !g::ggml_gallocr_alloc_graph(self.allocator, graph) {
                     return Err("ggml could not allocate memory for the graph".into());
