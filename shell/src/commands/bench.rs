@@ -63,7 +63,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         build.push(built.as_secs_f64() / decode_time.as_secs_f64());
         reused.push(steps_reused as f64 / (args.gen_tokens - 1) as f64);
     }
-    let (prefill, decode, build, reused) = (median(prefill), median(decode), median(build), median(reused));
+    let (prefill, decode, build) = (median(prefill), median(decode), median(build));
+    // Graph reuse is the cpu backend's (MLX builds its own graphs).
+    let on_cpu = crate::host::tensor::active::chosen() == crate::host::tensor::BackendKind::Cpu;
+    let reused = on_cpu.then(|| median(reused));
     let peak = peak_rss_bytes();
     if args.json {
         println!(
@@ -85,7 +88,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     println!("prefill          {prefill:.1} tokens/s  ({} tokens, median of {})", args.prompt_tokens, args.runs);
     println!("decode           {decode:.2} tokens/s  ({} tokens, median of {})", args.gen_tokens, args.runs);
     println!("graph building   {:.1}% of decode time (adapter + host calls; an upper bound on the WASM boundary's cost)", build * 100.0);
-    println!("graph reuse      {:.0}% of decode steps computed a kept ggml graph again (cpu backend)", reused * 100.0);
+    if let Some(reused) = reused {
+        println!("graph reuse      {:.0}% of decode steps computed the ggml graph kept from the step before", reused * 100.0);
+    }
     println!(
         "peak RSS         {} ({:.2}x the weights' {} as stored)",
         human_bytes(peak),
