@@ -337,7 +337,7 @@ mod tests {
     /// step, sliding-window and causal attention, an output product. Returns every step's output.
     fn decode(way: Way, steps: i32) -> Vec<Vec<f32>> {
         let cpu = CpuBackend;
-        let values = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| ((i as f32 * 0.37 + seed).sin())).collect() };
+        let values = |n: usize, seed: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * 0.37 + seed).sin()).collect() };
         let w = |seed: f32| cpu.from_f32(&values(64, seed), &[8, 8]).unwrap();
         let (wq, wk, wv, wo) = (w(1.0), w(2.0), w(3.0), w(4.0));
         let rope = |x: &Array, offset: i32| cpu.rope(x, Rope { dims: 8, traditional: false, base: 10_000.0, scale: 1.0, offset }).unwrap();
