@@ -298,6 +298,12 @@ mod tests {
         let separate = cpu.read_f32(&cpu.multiply(&gelu, &up).unwrap()).unwrap();
         assert!(fused == separate && swapped == separate);
         assert!(separate.iter().any(|&v| v != 0.0));
+        // A product of two GELUs computes one inside it and reads the other.
+        let both = cpu.multiply(&cpu.gelu_tanh(&gate).unwrap(), &cpu.gelu_tanh(&up).unwrap()).unwrap();
+        let both = cpu.read_f32(&both).unwrap();
+        let up_gelu = cpu.gelu_tanh(&up).unwrap();
+        cpu.eval(&[&up_gelu]).unwrap();
+        assert!(both == cpu.read_f32(&cpu.multiply(&gelu, &up_gelu).unwrap()).unwrap());
     }
 
     #[test]

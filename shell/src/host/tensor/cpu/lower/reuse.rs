@@ -159,11 +159,17 @@ fn gelus_in_products(order: &[Array], keep: &[Kept], index: &HashMap<*const Node
     for node in order {
         let state = node.state();
         let State::Pending(op, inputs) = &*state else { continue };
-        for input in inputs {
-            let Some(&j) = index.get(&Arc::as_ptr(&input.0)) else { continue };
+        let internal = |input: &Array| index.get(&Arc::as_ptr(&input.0)).copied();
+        for j in inputs.iter().filter_map(internal) {
             readers[j] += 1;
-            let same_shapes = inputs.iter().all(|i| i.0.shape == node.0.shape);
-            candidate[j] = matches!(op, Op::Multiply) && same_shapes && node.elements() > 0 && matches!(&*input.state(), State::Pending(Op::GeluTanh, _));
+        }
+        if !matches!(op, Op::Multiply) || node.elements() == 0 || inputs.iter().any(|i| i.0.shape != node.0.shape) {
+            continue;
+        }
+        // One GELU per product (the first): the other operand is read as it is.
+        let gelu = |input: &&Array| matches!(&*input.state(), State::Pending(Op::GeluTanh, _));
+        if let Some(j) = inputs.iter().find(gelu).and_then(internal) {
+            candidate[j] = true;
         }
     }
     (0..order.len()).map(|j| candidate[j] && readers[j] == 1 && keep[j] == Kept::No).collect()
