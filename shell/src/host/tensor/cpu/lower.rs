@@ -71,26 +71,43 @@ fn pending_order(roots: &[&Array]) -> OpResult<Vec<Array>> {
     Ok(order)
 }
 
+/// How the nodes of an order read each other.
+struct References {
+    /// Each node's place in the order.
+    index: HashMap<*const super::Node, usize>,
+    /// References from inside the graph; anything beyond them (and `order`'s own) is a user of the result.
+    internal: Vec<usize>,
+    /// Inputs read in all.
+    edges: usize,
+}
+
+impl References {
+    fn of(order: &[Array]) -> References {
+        let index: HashMap<*const super::Node, usize> = order.iter().enumerate().map(|(i, a)| (Arc::as_ptr(&a.0), i)).collect();
+        let mut internal = vec![0usize; order.len()];
+        let mut edges = 0;
+        for node in order {
+            if let State::Pending(_, inputs) = &*node.state() {
+                edges += inputs.len();
+                for input in inputs {
+                    if let Some(&i) = index.get(&Arc::as_ptr(&input.0)) {
+                        internal[i] += 1;
+                    }
+                }
+            }
+        }
+        References { index, internal, edges }
+    }
+}
+
 /// Computes `roots` and every pending node still referenced from outside the graph.
 pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
     let order = pending_order(roots)?;
     if order.is_empty() {
         return Ok(());
     }
-    let index: HashMap<*const super::Node, usize> = order.iter().enumerate().map(|(i, a)| (Arc::as_ptr(&a.0), i)).collect();
-    // References from inside the graph; anything beyond them (and `order`'s own) is a user of the result.
-    let mut internal = vec![0usize; order.len()];
-    let mut edges = 0;
-    for node in &order {
-        if let State::Pending(_, inputs) = &*node.state() {
-            edges += inputs.len();
-            for input in inputs {
-                if let Some(&i) = index.get(&Arc::as_ptr(&input.0)) {
-                    internal[i] += 1;
-                }
-            }
-        }
-    }
+    let references = References::of(&order);
+    let (index, internal, edges) = (&references.index, &references.internal, references.edges);
     // Views of data (a linear layer's transposed weight, a slice of a cache) stay views: materializing
     // one would copy the data, and a matrix product reads a transposed weight as stored.
     let mut cheap_view = vec![false; order.len()];
@@ -110,7 +127,7 @@ pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
     if edges > 4 * MAX_PENDING {
         return Err(format!("a graph whose operations read more than {} inputs is refused", 4 * MAX_PENDING));
     }
-    let structure = Structure::of(&order, &keep);
+    let structure = Structure::of(&order, &keep, &references);
     let mut runner = runner().lock().unwrap_or_else(|e| e.into_inner());
     let result = match reuse::replay(&mut runner, &order, &structure) {
         Some(result) => result,

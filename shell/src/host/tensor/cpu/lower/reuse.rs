@@ -11,7 +11,7 @@
 //! capacity rounded up to [`PAD_ROWS`] rows, with the rows past its length masked out of attention (as
 //! llama.cpp pads its caches); ggml's attention skips masked keys.
 
-use super::{ne, Graph, HashMap, Kept, Runner, T};
+use super::{ne, Graph, HashMap, Kept, References, Runner, T};
 use crate::host::tensor::cpu::{Array, AttentionMask, Node, Op, State};
 use crate::host::tensor::{DType, OpResult};
 use llama_cpp_sys_2 as g;
@@ -40,10 +40,10 @@ pub(in crate::host::tensor::cpu) struct Structure {
 const FROM_NODE: u64 = 1 << 62;
 
 impl Structure {
-    pub(in crate::host::tensor::cpu) fn of(order: &[Array], keep: &[Kept]) -> Structure {
-        let index: HashMap<*const Node, usize> = order.iter().enumerate().map(|(i, a)| (Arc::as_ptr(&a.0), i)).collect();
-        let (appends, padded) = appends(order, &index);
-        let gelu_in_product = gelus_in_products(order, keep, &index);
+    pub(super) fn of(order: &[Array], keep: &[Kept], references: &References) -> Structure {
+        let index = &references.index;
+        let (appends, padded) = appends(order, references);
+        let gelu_in_product = gelus_in_products(order, keep, references);
         let mut s = Structure { key: Vec::with_capacity(order.len() * 16), leaves: Vec::new(), leaf_number: HashMap::default(), padded, gelu_in_product };
         // Attention nodes that share a mask (same kind, offsets and sizes) share one ggml tensor.
         let mut masks: Vec<((AttentionMask, i64, i64), usize)> = Vec::new();
@@ -153,16 +153,12 @@ pub(super) fn appendable(op: &Op, inputs: &[Array], node: &Array) -> bool {
 
 /// The GELU nodes read only by one elementwise product of their own shape, and not kept: a gated MLP's
 /// `gelu(gate) * up`, computed as one node.
-fn gelus_in_products(order: &[Array], keep: &[Kept], index: &HashMap<*const Node, usize>) -> Vec<bool> {
-    let mut readers = vec![0usize; order.len()];
+fn gelus_in_products(order: &[Array], keep: &[Kept], references: &References) -> Vec<bool> {
     let mut candidate = vec![false; order.len()];
     for node in order {
         let state = node.state();
         let State::Pending(op, inputs) = &*state else { continue };
-        let internal = |input: &Array| index.get(&Arc::as_ptr(&input.0)).copied();
-        for j in inputs.iter().filter_map(internal) {
-            readers[j] += 1;
-        }
+        let internal = |input: &Array| references.index.get(&Arc::as_ptr(&input.0)).copied();
         if !matches!(op, Op::Multiply) || node.elements() == 0 || inputs.iter().any(|i| i.0.shape != node.0.shape) {
             continue;
         }
@@ -172,13 +168,13 @@ fn gelus_in_products(order: &[Array], keep: &[Kept], index: &HashMap<*const Node
             candidate[j] = true;
         }
     }
-    (0..order.len()).map(|j| candidate[j] && readers[j] == 1 && keep[j] == Kept::No).collect()
+    (0..order.len()).map(|j| candidate[j] && references.internal[j] == 1 && keep[j] == Kept::No).collect()
 }
 
 /// Which nodes are appends, and those lowered at a padded length: rank-4 caches joined along their
 /// sequence axis and read by nothing but single-query attention, as keys or values (a decode step's).
 /// Prefill chunks keep exact lengths, so a prompt computes as it always has.
-fn appends(order: &[Array], index: &HashMap<*const Node, usize>) -> (Vec<bool>, Vec<Option<i64>>) {
+fn appends(order: &[Array], references: &References) -> (Vec<bool>, Vec<Option<i64>>) {
     let appends: Vec<bool> = order
         .iter()
         .map(|node| match &*node.state() {
@@ -197,13 +193,11 @@ fn appends(order: &[Array], index: &HashMap<*const Node, usize>) -> (Vec<bool>, 
             _ => None,
         })
         .collect();
-    let mut read = vec![false; order.len()];
     for node in order {
         let state = node.state();
         let State::Pending(op, inputs) = &*state else { continue };
         for (position, input) in inputs.iter().enumerate() {
-            let Some(&j) = index.get(&Arc::as_ptr(&input.0)) else { continue };
-            read[j] = true;
+            let Some(&j) = references.index.get(&Arc::as_ptr(&input.0)) else { continue };
             let by_decode_attention = matches!(op, Op::Attention { mask, .. } if *mask != AttentionMask::Explicit)
                 && (position == 1 || position == 2)
                 && inputs[0].0.shape[2] == 1;
@@ -212,7 +206,7 @@ fn appends(order: &[Array], index: &HashMap<*const Node, usize>) -> (Vec<bool>, 
             }
         }
     }
-    let padded = padded.iter().zip(read).map(|(&p, read)| p.filter(|_| read)).collect();
+    let padded = padded.iter().zip(&references.internal).map(|(&p, &readers)| p.filter(|_| readers > 0)).collect();
     (appends, padded)
 }
 

@@ -154,7 +154,7 @@ impl Runner {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Array, Buffer, Graph, Kept, Op, Structure};
+    use super::super::{Array, Buffer, Graph, Kept, Op, References, Structure};
     use super::*;
     use crate::host::tensor::DType;
 
@@ -167,7 +167,8 @@ mod tests {
         let sum = Array::pending(shape, DType::F32, Op::Add, vec![square.clone(), x]);
         let order = [square, sum.clone()];
         let keep = [Kept::No, Kept::Result];
-        Graph::new(runner, order.len(), 4, &Structure::of(&order, &keep)).unwrap().run(runner, &order, &keep).unwrap();
+        let structure = Structure::of(&order, &keep, &References::of(&order));
+        Graph::new(runner, order.len(), 4, &structure).unwrap().run(runner, &order, &keep).unwrap();
         let bytes = sum.buffer().expect("computed");
         bytes.bytes().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
     }
