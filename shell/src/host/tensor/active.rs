@@ -45,33 +45,10 @@ impl BackendKind {
     }
 }
 
-/// The x86-64 extensions ggml's kernels are compiled for (the GGML_* settings in .cargo/config.toml).
-/// On a processor without them ggml would stop the process with an illegal instruction, so there the
-/// cpu backend is unavailable and MLX is the default.
-pub const CPU_BACKEND_NEEDS: [&str; 5] = ["avx", "avx2", "fma", "f16c", "bmi2"];
-
-/// Why the cpu backend cannot run on this processor, if it cannot.
+/// Why the cpu backend cannot run here, if it cannot: ggml's kernels are chosen for this processor
+/// when the process starts (`cpu/kernels.rs`), and only a missing or broken install leaves none.
 pub fn cpu_unavailable() -> Option<String> {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let present = [
-            std::arch::is_x86_feature_detected!("avx"),
-            std::arch::is_x86_feature_detected!("avx2"),
-            std::arch::is_x86_feature_detected!("fma"),
-            std::arch::is_x86_feature_detected!("f16c"),
-            std::arch::is_x86_feature_detected!("bmi2"),
-        ];
-        let missing: Vec<&str> = CPU_BACKEND_NEEDS.iter().zip(present).filter(|(_, has)| !has).map(|(name, _)| *name).collect();
-        return lacking(&missing);
-    }
-    #[allow(unreachable_code)]
-    None
-}
-
-fn lacking(missing: &[&str]) -> Option<String> {
-    (!missing.is_empty()).then(|| {
-        format!("the cpu backend is built for x86-64 processors with {}; this one lacks {}", CPU_BACKEND_NEEDS.join(", "), missing.join(", "))
-    })
+    super::cpu::kernels::kernels().err()
 }
 
 static CHOSEN: OnceLock<BackendKind> = OnceLock::new();
@@ -368,32 +345,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_processor_check_names_every_extension_ggml_is_built_for() {
-        // The ggml build flags and the run-time check must not drift apart: a flag turned on without
-        // being checked would crash processors that lack it instead of refusing the backend.
-        let config = include_str!("../../../../.cargo/config.toml");
-        let mut built: Vec<String> = config
-            .lines()
-            .filter_map(|line| line.strip_prefix("GGML_"))
-            .filter(|rest| rest.trim_end().ends_with("\"ON\""))
-            .filter_map(|rest| rest.split_whitespace().next())
-            .map(|flag| flag.to_lowercase())
-            .collect();
-        built.sort();
-        let mut checked = CPU_BACKEND_NEEDS.map(str::to_owned).to_vec();
-        checked.sort();
-        assert!(!built.is_empty(), "no GGML_* flags found in .cargo/config.toml");
-        assert_eq!(built, checked);
-    }
-
-    #[test]
-    fn a_processor_without_the_extensions_gets_mlx_and_a_reason() {
+    fn a_machine_without_the_cpu_kernels_gets_mlx() {
         assert_eq!(BackendKind::default_given(false), BackendKind::Mlx);
         let expected = if cfg!(all(target_os = "macos", target_arch = "aarch64")) { BackendKind::Mlx } else { BackendKind::Cpu };
         assert_eq!(BackendKind::default_given(true), expected);
-        let why = lacking(&["avx2", "fma"]).expect("a reason");
-        assert!(why.ends_with("this one lacks avx2, fma"), "{why}");
-        assert_eq!(lacking(&[]), None);
         // This machine builds and tests the cpu backend, so it must be able to run it.
         assert_eq!(cpu_unavailable(), None);
     }

@@ -12,6 +12,7 @@
 
 mod affine;
 mod buffer;
+pub mod kernels;
 mod lower;
 
 use buffer::{release_heap_holes, Buffer};
@@ -267,7 +268,8 @@ impl Backend for CpuBackend {
     type Array = Array;
 
     fn name(&self) -> String {
-        format!("ggml (CPU, {} threads)", lower::threads())
+        let kernels = kernels::kernels().map_or("no", |k| k.variant.as_str());
+        format!("ggml (CPU, {kernels} kernels, {} threads)", lower::threads())
     }
 
     fn from_f32(&self, data: &[f32], shape: &[i32]) -> OpResult<Array> {

@@ -128,7 +128,7 @@ pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
         return Err(format!("a graph whose operations read more than {} inputs is refused", 4 * MAX_PENDING));
     }
     let structure = Structure::of(&order, &keep, &references);
-    let mut runner = runner().lock().unwrap_or_else(|e| e.into_inner());
+    let mut runner = runner()?.lock().unwrap_or_else(|e| e.into_inner());
     let result = match reuse::replay(&mut runner, &order, &structure) {
         Some(result) => result,
         None => {

@@ -358,7 +358,7 @@ mod tests {
             let global = cpu.attention(&q, &keys, &vals, 0.35, Mask::Causal).unwrap();
             let out = cpu.matmul(&cpu.reshape(&cpu.add(&local, &global).unwrap(), &[1, 8]).unwrap(), &wo).unwrap();
             if way == Way::Lowering {
-                super::super::runner().lock().unwrap().kept = None;
+                super::super::runner().unwrap().lock().unwrap().kept = None;
             }
             outputs.push(cpu.read_f32(&out).unwrap());
             drop(held);
@@ -378,7 +378,7 @@ mod tests {
         drop(joined);
         assert_eq!(cpu.read_f32(&doubled).unwrap(), [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 4.0, 4.0, 4.0, 4.0]);
         // (Whichever graph is kept now, maybe another test's, holds nothing either.)
-        let runner = super::super::runner().lock().unwrap();
+        let runner = super::super::runner().unwrap().lock().unwrap();
         let kept = runner.kept.as_ref().expect("a graph is kept");
         assert!(kept.graph.appended.is_empty() && kept.graph.held.is_empty() && kept.graph.leaves.is_empty() && kept.graph.leaf_number.is_empty());
     }

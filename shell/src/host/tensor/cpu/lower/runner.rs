@@ -2,6 +2,7 @@
 //! buffer, and two contexts for tensor headers, reset for each graph (a fresh one per token cost a mapping
 //! and page faults): one may hold the graph kept for reuse (`reuse.rs`) while the other builds the next.
 
+use super::super::kernels::{kernels, Kernels};
 use llama_cpp_sys_2 as g;
 use std::sync::{Mutex, OnceLock};
 
@@ -12,6 +13,8 @@ const REUSED_CONTEXT_TENSORS: usize = 1 << 16;
 const SHRINK_ALLOCATOR_ABOVE: usize = 4 << 20;
 
 pub(super) struct Runner {
+    /// ggml's kernels for this processor.
+    kernels: &'static Kernels,
     pool: *mut g::ggml_threadpool,
     threads: i32,
     allocator: g::ggml_gallocr_t,
@@ -27,9 +30,11 @@ pub(super) struct Runner {
 // SAFETY: the pool and allocator are only used under the runner's mutex.
 unsafe impl Send for Runner {}
 
-pub(super) fn runner() -> &'static Mutex<Runner> {
+/// The process's runner, or why the cpu backend cannot run here (its kernels are missing).
+pub(super) fn runner() -> Result<&'static Mutex<Runner>, String> {
     static RUNNER: OnceLock<Mutex<Runner>> = OnceLock::new();
-    RUNNER.get_or_init(|| Mutex::new(Runner::new(threads())))
+    let kernels = kernels()?;
+    Ok(RUNNER.get_or_init(|| Mutex::new(Runner::new(kernels, threads()))))
 }
 
 /// Compute threads: EDGECHAT_THREADS, else every core the process may use.
@@ -53,15 +58,15 @@ unsafe extern "C" fn log(level: g::ggml_log_level, text: *const std::ffi::c_char
 }
 
 impl Runner {
-    pub(super) fn new(threads: i32) -> Runner {
-        // SAFETY: plain constructors; ggml_cpu_init fills ggml's conversion tables once.
+    pub(super) fn new(kernels: &'static Kernels, threads: i32) -> Runner {
+        // SAFETY: plain constructors (the kernels' module ran ggml_cpu_init when it was chosen).
         unsafe {
-            g::ggml_cpu_init();
             g::ggml_log_set(Some(log), std::ptr::null_mut());
             let mut params = g::ggml_threadpool_params_default(threads);
-            let pool = g::ggml_threadpool_new(&mut params);
-            let allocator = g::ggml_gallocr_new(g::ggml_backend_cpu_buffer_type());
-            Runner { pool, threads, allocator, work: Vec::new(), headers: [std::ptr::null_mut(); 2], last: std::ptr::null_mut(), kept: None }
+            let pool = (kernels.threadpool_new)(&mut params);
+            let allocator = g::ggml_gallocr_new((kernels.buffer_type)());
+            let headers = [std::ptr::null_mut(); 2];
+            Runner { kernels, pool, threads, allocator, work: Vec::new(), headers, last: std::ptr::null_mut(), kept: None }
         }
     }
 
@@ -108,12 +113,12 @@ impl Runner {
                     return Err("ggml could not allocate memory for the graph".into());
                 }
             }
-            let mut plan = g::ggml_graph_plan(graph, self.threads, self.pool);
+            let mut plan = (self.kernels.graph_plan)(graph, self.threads, self.pool);
             if plan.work_size > self.work.len() * 8 {
                 self.work = vec![0u64; plan.work_size.div_ceil(8)];
             }
             plan.work_data = self.work.as_mut_ptr().cast();
-            let status = g::ggml_graph_compute(graph, &mut plan);
+            let status = (self.kernels.graph_compute)(graph, &mut plan);
             if status != g::GGML_STATUS_SUCCESS {
                 return Err(format!("ggml failed to compute the graph (status {status})"));
             }
@@ -145,7 +150,7 @@ impl Runner {
             }
             if needed < held / 2 {
                 g::ggml_gallocr_free(self.allocator);
-                self.allocator = g::ggml_gallocr_new(g::ggml_backend_cpu_buffer_type());
+                self.allocator = g::ggml_gallocr_new((self.kernels.buffer_type)());
                 super::super::buffer::heap_hole_left();
             }
         }
@@ -175,7 +180,7 @@ mod tests {
 
     #[test]
     fn the_allocator_lets_go_of_a_prompt_sized_buffer_when_graphs_get_small() {
-        let mut runner = Runner::new(1);
+        let mut runner = Runner::new(kernels().unwrap(), 1);
         // SAFETY: a size query on the runner's live allocator.
         let held = |runner: &Runner| unsafe { g::ggml_gallocr_get_buffer_size(runner.allocator, 0) };
         assert!(square_plus(&mut runner, 2048).iter().all(|&v| v == 2.0));
