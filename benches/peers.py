@@ -78,7 +78,12 @@ def build_llama_bench(threads):
         started = time.time()
         # The cmake variables edgechat's build sets for MLX must not reach this build.
         env = {k: v for k, v in os.environ.items() if k not in ("CMAKE_TOOLCHAIN_FILE", "CPATH", "BINDGEN_EXTRA_CLANG_ARGS")}
+        # Native, but without AMX tiles: a virtual machine may report them and fault on their first use
+        # (llama-bench died of SIGILL in ggml's AMX Q8_0 kernel on such a host), and edgechat keeps its
+        # weights in ggml's plain layout, which AMX kernels do not read. Every other extension is on.
+        no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" if os.uname().machine == "x86_64" else ""
         run(["cmake", "-S", src, "-B", build, "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DGGML_OPENMP=OFF",
+             f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}",
              "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
              "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON"], env=env, stdout=subprocess.DEVNULL)
         run(["cmake", "--build", build, "--target", "llama-bench", "-j", str(threads)], env=env, stdout=subprocess.DEVNULL)

@@ -68,7 +68,8 @@ fn module_files(dirs: &[PathBuf]) -> Vec<(String, PathBuf)> {
     Vec::new()
 }
 
-/// Loads each module, asks its score, and keeps the best that runs here (ggml's own rule).
+/// Loads each module, asks its score, and keeps the best that runs here (ggml's own rule, and the
+/// operating system's say on the registers).
 fn best_of(modules: &[(String, PathBuf)]) -> Result<Kernels, String> {
     if modules.is_empty() {
         return Err("the cpu backend's kernels (ggml's CPU modules) are not installed beside edgechat".into());
@@ -80,7 +81,7 @@ fn best_of(modules: &[(String, PathBuf)]) -> Result<Kernels, String> {
         let score = unsafe {
             let Ok(library) = Library::new(path) else { continue };
             let Ok(score) = library.get::<unsafe extern "C" fn() -> i32>(b"ggml_backend_score\0") else { continue };
-            let score = score();
+            let score = if os_enables_registers_of(variant) { score() } else { 0 };
             if score > best.as_ref().map_or(0, |b| b.0) {
                 best = Some((score, variant, library));
             }
@@ -107,6 +108,23 @@ fn best_of(modules: &[(String, PathBuf)]) -> Result<Kernels, String> {
     }
 }
 
+/// ggml's score reads the processor's feature bits, not whether the operating system saves the wider
+/// registers those features use: a virtual machine can report AVX-512 with the state off, and the first
+/// such instruction would stop the process. Rust's feature detection checks both.
+fn os_enables_registers_of(variant: &str) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        const AVX512: [&str; 7] = ["skylakex", "cannonlake", "cascadelake", "icelake", "cooperlake", "zen4", "sapphirerapids"];
+        return match variant {
+            "x64" | "sse42" => true,
+            v if AVX512.contains(&v) => std::arch::is_x86_feature_detected!("avx512f"),
+            _ => std::arch::is_x86_feature_detected!("avx"),
+        };
+    }
+    #[allow(unreachable_code)]
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,9 +146,10 @@ mod tests {
                 (score, variant.as_str())
             })
             .collect();
-        let top = scores.iter().map(|s| s.0).max().unwrap();
+        let top = scores.iter().filter(|s| os_enables_registers_of(s.1)).map(|s| s.0).max().unwrap();
         assert!(top > 0);
         assert!(scores.iter().any(|&(s, v)| s == top && v == kernels.variant), "{scores:?} chose {}", kernels.variant);
+        assert!(os_enables_registers_of(&kernels.variant));
         #[cfg(target_arch = "x86_64")]
         {
             // The baseline module runs on any x86-64; one built for AVX2 scores only where AVX2 is.
