@@ -75,13 +75,14 @@ fn best_of(modules: &[(String, PathBuf)]) -> Result<Kernels, String> {
         return Err("the cpu backend's kernels (ggml's CPU modules) are not installed beside edgechat".into());
     }
     let mut best: Option<(i32, &str, Library)> = None;
-    for (variant, path) in modules {
+    // A module that may not run here is not even loaded.
+    for (variant, path) in modules.iter().filter(|(variant, _)| eligible(variant)) {
         // SAFETY: a ggml CPU module built with this binary; loading runs no code of ours, and its score
         // function only reads the processor's feature flags.
         let score = unsafe {
             let Ok(library) = Library::new(path) else { continue };
             let Ok(score) = library.get::<unsafe extern "C" fn() -> i32>(b"ggml_backend_score\0") else { continue };
-            let score = if eligible(variant) { score() } else { 0 };
+            let score = score();
             if score > best.as_ref().map_or(0, |b| b.0) {
                 best = Some((score, variant, library));
             }
