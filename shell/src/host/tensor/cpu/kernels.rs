@@ -6,7 +6,7 @@
 //! more of them it uses. The graph builder, allocator and types (ggml-base) are linked as usual; only the
 //! five functions that run kernels come from the module with the best score. This is how ggml loads its
 //! own backends, and what lets one binary run on any x86-64 (the AVX2 build shipped before stopped at
-//! processors without AVX2). The AVX-512 modules are built but not taken, for fidelity ([`eligible`]).
+//! processors without AVX2).
 //!
 //! Modules are looked for beside the executable (an installed build) and where the build put them;
 //! only files named like ggml's CPU modules are loaded.
@@ -109,21 +109,16 @@ fn best_of(modules: &[(String, PathBuf)]) -> Result<Kernels, String> {
     }
 }
 
-/// Whether a module may run here, beyond ggml's score.
-///
-/// - ggml's score reads the processor's feature bits, not whether the operating system saves the wider
-///   registers those features use: a virtual machine can report AVX with the state off, and the first
-///   such instruction would stop the process. Rust's feature detection reads both.
-/// - The AVX-512 modules are not taken. Their quantized products round differently from the AVX2 ones:
-///   teacher-forced over tests/real_model.rs's 701 positions, top-1 agreement with f32 fell from 95.9 %
-///   to 94.9 %, under the 95 % bar, though perplexity moved closer to f32's (+0.41 % -> -0.04 %) and a
-///   512-token prompt ran ~40 % faster (docs/benchmarks.md). Until that is understood, fidelity wins.
+/// Whether a module may run here, beyond ggml's score: ggml's score reads the processor's feature bits,
+/// not whether the operating system saves the wider registers those features use. A virtual machine can
+/// report AVX or AVX-512 with that state off, and the first such instruction would stop the process.
+/// Rust's feature detection reads both.
 fn eligible(variant: &str) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         return match variant {
             "x64" | "sse42" => true,
-            v if AVX512_VARIANTS.contains(&v) => false,
+            v if AVX512_VARIANTS.contains(&v) => std::arch::is_x86_feature_detected!("avx512f"),
             _ => std::arch::is_x86_feature_detected!("avx"),
         };
     }
@@ -158,9 +153,14 @@ mod tests {
         let top = scores.iter().filter(|s| eligible(s.1)).map(|s| s.0).max().unwrap();
         assert!(top > 0);
         assert!(scores.iter().any(|&(s, v)| s == top && v == kernels.variant), "{scores:?} chose {}", kernels.variant);
-        assert!(eligible(&kernels.variant) && !AVX512_VARIANTS.contains(&kernels.variant.as_str()), "{}", kernels.variant);
+        assert!(eligible(&kernels.variant), "{}", kernels.variant);
         #[cfg(target_arch = "x86_64")]
         {
+            // 512-bit kernels are taken exactly where the processor and the OS both run them.
+            let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+            assert!(AVX512_VARIANTS.iter().all(|v| eligible(v) == avx512));
+            let takes_512 = scores.iter().any(|&(s, v)| s > 0 && AVX512_VARIANTS.contains(&v));
+            assert_eq!(AVX512_VARIANTS.contains(&kernels.variant.as_str()), avx512 && takes_512, "{scores:?}");
             // The baseline module runs on any x86-64; one built for AVX2 scores only where AVX2 is.
             assert!(scores.iter().any(|&(s, v)| v == "x64" && s > 0), "{scores:?}");
             let haswell = scores.iter().find(|&&(_, v)| v == "haswell").map(|s| s.0);

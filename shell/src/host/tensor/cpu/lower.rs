@@ -13,6 +13,7 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 
 mod fused;
+mod residual;
 mod results;
 mod reuse;
 mod runner;
@@ -559,6 +560,9 @@ impl Graph {
         let a = self.act(x[0])?;
         let k = ne_of(a)[0];
         let a = self.repeat(a, [k, out[1], out[2], out[3]]);
+        if residual::rounds_activations_to_q8_k((*weight).type_) {
+            return Ok(self.k_quant_product(weight, a));
+        }
         Ok(g::ggml_mul_mat(ctx, weight, a))
     }
 
