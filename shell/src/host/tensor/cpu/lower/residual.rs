@@ -61,18 +61,19 @@ unsafe extern "C" fn split_rows(dst: *mut g::ggml_tensor, ith: i32, nth: i32, _:
     }
 }
 
-/// hi = x rounded as ggml's `quantize_row_q8_K_ref` rounds a block (the value of largest magnitude, the
-/// first if several, becomes -127; the rest the nearest integer, ties to even, at that scale; none above
-/// 127), and lo = x - hi.
+/// hi = x rounded as ggml's `quantize_row_q8_K_ref` rounds a block: scaled so that the largest magnitude
+/// is 127, each value to the nearest integer (ties to even), scaled back. (ggml maps the largest value to
+/// -127 rather than 127; rounding ties to even is symmetric, so the values are the same.) lo = x - hi.
 fn split(x: &[f32], hi: &mut [f32], lo: &mut [f32]) {
-    let max = x.iter().fold(0f32, |max, &v| if v.abs() > max.abs() { v } else { max });
-    let (iscale, scale) = if max == 0.0 { (0.0, 0.0) } else { (-127.0 / max, -max / 127.0) };
+    // (A comparison rather than f32::max, whose NaN rule keeps the loop from vectorizing; NaNs are skipped.)
+    let largest = x.iter().fold(0f32, |m, v| if v.abs() > m { v.abs() } else { m });
+    let (iscale, scale) = if largest > 0.0 { (127.0 / largest, largest / 127.0) } else { (0.0, 0.0) };
     // Adding 1.5 * 2^23 leaves a float no fraction bits, so the sum is rounded to an integer, ties to even,
     // as ggml's nearest_int rounds (|iscale * v| <= 127). round_ties_even would be a libm call on x86-64
     // without SSE4.1: 0.8 % of a decode step.
     const ROUND: f32 = 12_582_912.0;
     for ((&v, hi), lo) in x.iter().zip(hi).zip(lo) {
-        *hi = ((iscale * v + ROUND) - ROUND).min(127.0) * scale;
+        *hi = ((iscale * v + ROUND) - ROUND) * scale;
         *lo = v - *hi;
     }
 }
