@@ -122,15 +122,17 @@ mod tests {
         let state = Mutex::new(State::Ready(Arc::new(Buffer::from_bytes(&blocks))));
         let weight = Array(Arc::new(Node { shape: vec![rows as i32, k as i32], dtype: DType::F32, blocks: Some(g::GGML_TYPE_Q4_K), state, dequantized: OnceLock::new() }));
         let be = CpuBackend;
-        for m in [1, 3] {
+        // One row (a decode step), several, and a batch of several (each batch entry's halves apart).
+        for shape in [vec![1, k as i32], vec![3, k as i32], vec![2, 3, k as i32]] {
+            let m = shape.iter().product::<i32>() as usize / k;
             let x: Vec<f32> = (0..m * k).map(|i| ((i * 29 % 83) as f32 - 41.0) / 50.0 + if i % 256 == 7 { 40.0 } else { 0.0 }).collect();
-            let xs = be.from_f32(&x, &[m as i32, k as i32]).unwrap();
+            let xs = be.from_f32(&x, &shape).unwrap();
             let y = be.read_f32(&be.matmul(&xs, &be.transpose(&weight, &[1, 0]).unwrap()).unwrap()).unwrap();
             for (i, &got) in y.iter().enumerate() {
                 let (x, w) = (&x[i / rows * k..][..k], &stored[i % rows * k..][..k]);
                 let exact: f64 = x.iter().zip(w).map(|(&a, &b)| a as f64 * b as f64).sum();
                 let size: f64 = x.iter().zip(w).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
-                assert!((got as f64 - exact).abs() <= 1e-4 * size, "row {i} of {m}: {got} vs {exact} (size {size})");
+                assert!((got as f64 - exact).abs() <= 1e-4 * size, "value {i} of {shape:?}: {got} vs {exact} (size {size})");
             }
         }
     }
