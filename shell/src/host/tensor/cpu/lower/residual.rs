@@ -8,9 +8,11 @@
 //! 97.9 % without) and 3.1 points under its AVX-512 ones (94.9 %, under the 95 % bar, against 98.0 %).
 //!
 //! So the activations x are split into hi, x rounded as Q8_K rounds it (which ggml's own Q8_K rounding
-//! then keeps exactly), and lo = x - hi, and the weight multiplies both as two halves of one product: its
-//! blocks are read once, so a decode step stays bandwidth-bound as before, and what is lost is lo's
-//! rounding, about 1/254 of the original error. The weights are multiplied as stored, by ggml's kernels.
+//! then keeps exactly), and lo = x - hi, and the weight multiplies both as two halves of one product, by
+//! ggml's kernels, its blocks as stored and read from memory once. What is lost is lo's rounding, about
+//! 1/254 of the original error. What it costs is the K-quant products' arithmetic twice, ggml quantizing
+//! both halves and two more graph nodes: 6-10 % of a decode step and ~15 % of a 512-token prefill, with
+//! the same kernels (docs/benchmarks.md).
 
 use super::{ne_of, Graph, T};
 use llama_cpp_sys_2 as g;
