@@ -68,14 +68,13 @@ fn module_files(dirs: &[PathBuf]) -> Vec<(String, PathBuf)> {
     Vec::new()
 }
 
-/// Loads each module, asks its score, and keeps the best that may run here (ggml's own rule, and
-/// [`eligible`]).
+/// Loads each module that may run here ([`eligible`]), asks its score, and keeps the best (ggml's own
+/// rule).
 fn best_of(modules: &[(String, PathBuf)]) -> Result<Kernels, String> {
     if modules.is_empty() {
         return Err("the cpu backend's kernels (ggml's CPU modules) are not installed beside edgechat".into());
     }
     let mut best: Option<(i32, &str, Library)> = None;
-    // A module that may not run here is not even loaded.
     for (variant, path) in modules.iter().filter(|(variant, _)| eligible(variant)) {
         // SAFETY: a ggml CPU module built with this binary; loading runs no code of ours, and its score
         // function only reads the processor's feature flags.
