@@ -28,7 +28,7 @@ pub(super) fn rounds_activations_to_q8_k(weight_type: u32) -> bool {
 impl Graph {
     /// mul_mat(weight, a) for a K-quant `weight` and contiguous f32 `a` [K, M, ..] (K a multiple of 256,
     /// as every K-quant row is), as the sum of the products with hi and lo (see above).
-    pub(super) unsafe fn k_quant_product(&mut self, weight: T, a: T) -> T {
+    pub(super) unsafe fn k_quant_product(&self, weight: T, a: T) -> T {
         let ctx = self.ctx;
         let [k, m, b2, b3] = ne_of(a);
         let mut args = [a];
