@@ -125,22 +125,19 @@ impl Model {
             bail!("token id {bad} is outside the vocabulary (size {})", self.vocab);
         }
         if tokens.len() <= PREFILL_CHUNK {
-            return self.forward_once(tokens, cache, all_positions);
+            return self.forward_once(tokens, cache, all_positions, true);
         }
         let mut logits = Vec::new();
         for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
             let last = (i + 1) * PREFILL_CHUNK >= tokens.len();
-            // (An earlier chunk's last-position logits are computed and dropped: the contract always
-            // returns some.)
-            let chunk_logits = self.forward_once(chunk, cache, all_positions)?;
-            if all_positions || last {
-                logits.extend(chunk_logits);
-            }
+            // An earlier chunk's last-position logits are not wanted (the contract always returns some).
+            logits.extend(self.forward_once(chunk, cache, all_positions, all_positions || last)?);
         }
         Ok(logits)
     }
 
-    fn forward_once(&mut self, tokens: &[u32], cache: &Cache, all_positions: bool) -> Result<Vec<f32>> {
+    /// One graph: `tokens` after the cache. Returns the logits, or nothing when they are not `wanted`.
+    fn forward_once(&mut self, tokens: &[u32], cache: &Cache, all_positions: bool, wanted: bool) -> Result<Vec<f32>> {
         self.check_live(cache.instance)?;
         self.release_dropped_caches()?;
         let (model, cache) = (self.model, cache.resource);
@@ -154,15 +151,20 @@ impl Model {
         let name = self.session.adapter().name().to_owned();
         let state = self.session.state_mut()?;
         // The shape is checked before anything is evaluated or read: the adapter chose this array.
-        let values = state.array(&logits).map_err(anyhow::Error::from).and_then(|a| {
+        let checked = state.array(&logits).map_err(anyhow::Error::from).and_then(|a| {
             let shape = state.tensors.backend.shape(a);
             if shape != [rows as i32, self.vocab as i32] {
                 bail!("adapter `{name}` returned logits of shape {shape:?} from forward, expected [{rows}, {}]", self.vocab);
             }
-            state.tensors.backend.read_f32(a).map_err(anyhow::Error::msg).context("evaluating the model's graph")
+            Ok(a.clone())
+        });
+        crate::adapter::bindings::edgechat::adapter::tensor::HostArray::drop(state, logits)?;
+        let backend = &state.tensors.backend;
+        let values = checked.and_then(|a| {
+            let values = if wanted { backend.read_f32(&a) } else { backend.discard(a).map(|()| Vec::new()) };
+            values.map_err(anyhow::Error::msg).context("evaluating the model's graph")
         });
         tracing::debug!(tokens = tokens.len(), "forward: graph built in {built:?}, evaluated in {:?}", started.elapsed() - built);
-        crate::adapter::bindings::edgechat::adapter::tensor::HostArray::drop(state, logits)?;
         values
     }
 

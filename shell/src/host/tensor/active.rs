@@ -99,6 +99,7 @@ impl ActiveBackend {
     }
 }
 
+#[derive(Clone)]
 pub enum AnyArray {
     Cpu(cpu::Array),
     Mlx(mlx_rs::Array),
@@ -328,6 +329,14 @@ impl Backend for ActiveBackend {
                 let parts = arrays.iter().map(|a| mlx_array(a)).collect::<OpResult<Vec<_>>>()?;
                 be.eval(&parts)
             }
+        }
+    }
+
+    fn discard(&self, a: AnyArray) -> OpResult<()> {
+        match (self, a) {
+            (ActiveBackend::Cpu(be), AnyArray::Cpu(a)) => be.discard(a),
+            (ActiveBackend::Mlx(be), AnyArray::Mlx(a)) => be.discard(a),
+            _ => Err(MIXED.into()),
         }
     }
 

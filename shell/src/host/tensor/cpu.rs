@@ -513,6 +513,10 @@ impl Backend for CpuBackend {
         lower::evaluate(arrays)
     }
 
+    fn discard(&self, a: Array) -> OpResult<()> {
+        lower::discard(a)
+    }
+
     fn read_f32(&self, a: &Array) -> OpResult<Vec<f32>> {
         let data = self.computed(a)?;
         Ok(match a.0.dtype {

@@ -248,6 +248,11 @@ impl Backend for MlxBackend {
         mlx_rs::transforms::eval(arrays.iter().copied()).map_err(err)
     }
 
+    /// MLX keeps no account of who holds a node, so the whole graph is computed.
+    fn discard(&self, a: Array) -> OpResult<()> {
+        self.eval(&[&a])
+    }
+
     fn int_range(&self, a: &Array) -> OpResult<Option<(i64, i64)>> {
         if a.size() == 0 {
             return Ok(None);

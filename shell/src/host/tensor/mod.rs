@@ -126,6 +126,9 @@ pub trait Backend {
     fn attention(&self, q: &Self::Array, k: &Self::Array, v: &Self::Array, scale: f32, mask: Mask<'_, Self::Array>) -> OpResult<Self::Array>;
     fn conv1d_depthwise(&self, x: &Self::Array, weight: &Self::Array) -> OpResult<Self::Array>;
     fn eval(&self, arrays: &[&Self::Array]) -> OpResult<()>;
+    /// Drops `a` unread, computing of its graph only what others hold (a cache's new rows), where the
+    /// backend can tell what that is; otherwise all of it.
+    fn discard(&self, a: Self::Array) -> OpResult<()>;
     fn read_f32(&self, a: &Self::Array) -> OpResult<Vec<f32>>;
     /// The smallest and largest value of an integer array (evaluating it); None when it is empty.
     fn int_range(&self, a: &Self::Array) -> OpResult<Option<(i64, i64)>>;

@@ -18,12 +18,14 @@ mod results;
 mod reuse;
 mod runner;
 mod types;
+mod unread;
 
 pub(in crate::host::tensor) use reuse::reused_graphs;
 use results::Output;
 use reuse::{Bindings, Structure};
 use runner::{runner, Runner};
 pub(super) use runner::threads;
+pub(super) use unread::discard;
 pub(super) use types::{block_size, f32_values, row_size, to_f32, Q4_1, TYPE_COUNT};
 use types::{ggml_type, ne, ne_of, quantized};
 
@@ -103,24 +105,22 @@ impl References {
 
 /// Computes `roots` and every pending node still referenced from outside the graph.
 pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
+    compute(roots, Kept::Result)
+}
+
+/// As `evaluate`, keeping `roots` as `kind`.
+fn compute(roots: &[&Array], kind: Kept) -> OpResult<()> {
     let order = pending_order(roots)?;
     if order.is_empty() {
         return Ok(());
     }
     let references = References::of(&order);
-    let (index, internal, edges) = (&references.index, &references.internal, references.edges);
-    // Views of data (a linear layer's transposed weight, a slice of a cache) stay views: materializing
-    // one would copy the data, and a matrix product reads a transposed weight as stored.
-    let mut cheap_view = vec![false; order.len()];
-    for (i, node) in order.iter().enumerate() {
-        if let State::Pending(Op::Transpose(_) | Op::Reshape | Op::Slice(_), inputs) = &*node.state() {
-            cheap_view[i] = inputs[0].buffer().is_some() || index.get(&Arc::as_ptr(&inputs[0].0)).is_some_and(|&j| cheap_view[j]);
-        }
-    }
+    let (internal, edges) = (&references.internal, references.edges);
+    let cheap_view = cheap_views(&order, &references);
     let is_root = |a: &Array| roots.iter().any(|r| Arc::ptr_eq(&r.0, &a.0));
     let keep: Vec<Kept> = (0..order.len())
         .map(|i| match is_root(&order[i]) {
-            true => Kept::Result,
+            true => kind,
             false if !cheap_view[i] && Arc::strong_count(&order[i].0) > 1 + internal[i] => Kept::State,
             false => Kept::No,
         })
@@ -143,6 +143,18 @@ pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
     };
     super::release_heap_holes();
     result
+}
+
+/// Views of data (a linear layer's transposed weight, a slice of a cache) stay views: materializing one
+/// would copy the data, and a matrix product reads a transposed weight as stored.
+fn cheap_views(order: &[Array], references: &References) -> Vec<bool> {
+    let mut cheap_view = vec![false; order.len()];
+    for (i, node) in order.iter().enumerate() {
+        if let State::Pending(Op::Transpose(_) | Op::Reshape | Op::Slice(_), inputs) = &*node.state() {
+            cheap_view[i] = inputs[0].buffer().is_some() || references.index.get(&Arc::as_ptr(&inputs[0].0)).is_some_and(|&j| cheap_view[j]);
+        }
+    }
+    cheap_view
 }
 
 /// The matrix of `transpose(w, [1, 0])` when `w` is data (a stored weight): a product reads it as stored.

@@ -123,6 +123,8 @@ impl Runner {
                 return Err(format!("ggml failed to compute the graph (status {status})"));
             }
             self.last = graph;
+            #[cfg(test)]
+            LAST_OPS.with(|ops| *ops.borrow_mut() = (0..g::ggml_graph_n_nodes(graph)).map(|i| (*g::ggml_graph_node(graph, i)).op).collect());
         }
         Ok(())
     }
@@ -155,6 +157,18 @@ impl Runner {
             }
         }
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// The ops of the graph this thread computed last.
+    static LAST_OPS: std::cell::RefCell<Vec<g::ggml_op>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The ops of the graph this thread computed last (tests run side by side on the one pool).
+#[cfg(test)]
+pub(super) fn last_ops() -> Vec<g::ggml_op> {
+    LAST_OPS.with(|ops| ops.borrow().clone())
 }
 
 #[cfg(test)]
