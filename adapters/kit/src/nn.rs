@@ -185,7 +185,7 @@ impl History {
     /// What [`History::append`] and a [`History::compact`] that drops nothing leave, from a replayed
     /// step: the data is `data`, the whole history, `count` positions longer. The tensor stays the same.
     pub fn advance(&mut self, data: Array, count: u32) -> R<()> {
-        self.data.as_ref().ok_or("an empty history cannot advance")?.refill(data);
+        self.data.as_ref().ok_or("an empty history cannot advance")?.refill(data)?;
         self.end += count;
         Ok(())
     }

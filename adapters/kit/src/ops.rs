@@ -143,6 +143,31 @@ pub(crate) fn send(batch: Batch) -> R<()> {
     }
 }
 
+/// Computed tensors whose arrays are lent out again and again without a RefCell borrow each time: a
+/// decode template's ~240 weights, every token. (Borrowing each was ~0.8 % of a decode step under the
+/// Pulley interpreter, a fifth of the boundary's share there; docs/benchmarks.md.)
+pub(crate) struct Lent {
+    tensors: Vec<Tensor>,
+    arrays: Vec<*const Array>,
+}
+
+impl Lent {
+    pub(crate) fn new(tensors: Vec<Tensor>) -> R<Lent> {
+        let arrays = tensors.iter().map(|t| t.array().map(|a| &*a as *const Array)).collect::<R<_>>()?;
+        Ok(Lent { tensors, arrays })
+    }
+
+    pub(crate) fn arrays(&self) -> Vec<&Array> {
+        debug_assert_eq!(self.tensors.len(), self.arrays.len());
+        // SAFETY: each pointer is to the array in the state of a tensor held in `self.tensors`, so the
+        // state's allocation lives as long as `self`. A computed state is replaced only by `give_up`,
+        // which refuses a tensor held more than once (and this is a second holder), and by `refill`,
+        // which replaces only a given-up state; so each array stays where it was, unchanged, and nothing
+        // writes to it while these shared references live.
+        self.arrays.iter().map(|&a| unsafe { &*a }).collect()
+    }
+}
+
 impl Tensor {
     pub fn from_array(array: Array) -> Tensor {
         Tensor(Rc::new(RefCell::new(State::Host { array, input: Cell::new(None) })))
@@ -223,8 +248,13 @@ impl Tensor {
     }
 
     /// Holds `array` (a template run's result) where a given-up array was.
-    pub(crate) fn refill(&self, array: Array) {
-        *self.0.borrow_mut() = State::Host { array, input: Cell::new(None) };
+    pub(crate) fn refill(&self, array: Array) -> R<()> {
+        let mut state = self.0.borrow_mut();
+        if !matches!(*state, State::Given) {
+            return Err("only a tensor given up is refilled".into());
+        }
+        *state = State::Host { array, input: Cell::new(None) };
+        Ok(())
     }
 }
 

@@ -68,7 +68,7 @@ struct Recorded {
 struct Kept {
     template: Template,
     position: u32,
-    fixed: Vec<Tensor>,
+    fixed: ops::Lent,
     inputs: Vec<Slot>,
     starts: Vec<u32>,
 }
@@ -161,7 +161,7 @@ impl Recorded {
             number[i] = n as u32;
         }
         let ops: Vec<Op> = self.ops.into_iter().map(|op| if let Op::Input(i) = op { Op::Input(number[i as usize]) } else { op }).collect();
-        let fixed = fixed.iter().filter_map(|&i| if let Slot::Fixed(t) = &self.inputs[i] { Some(t.clone()) } else { None }).collect();
+        let fixed = ops::Lent::new(fixed.iter().filter_map(|&i| if let Slot::Fixed(t) = &self.inputs[i] { Some(t.clone()) } else { None }).collect())?;
         let template = Template::create(&ops, &self.keep)?;
         let inputs = given.iter().map(|&i| self.inputs[i].clone()).collect();
         Ok(Kept { template, position: self.position, fixed, inputs, starts: self.starts })
@@ -190,9 +190,7 @@ impl Kept {
                 Slot::Fixed(_) => return Err("a fixed input among those given".into()),
             });
         }
-        let fixed = self.fixed.iter().map(|t| t.array()).collect::<Result<Vec<_>, String>>()?;
-        let fixed: Vec<&Array> = fixed.iter().map(|a| &**a).collect();
-        let mut results = self.template.run(&fixed, inputs, position - self.position)?.into_iter();
+        let mut results = self.template.run(&self.fixed.arrays(), inputs, position - self.position)?.into_iter();
         let logits = results.next().ok_or("the template returned no logits")?;
         for (history, data) in histories.iter_mut().zip(results) {
             history.advance(data, 1)?;
