@@ -70,25 +70,27 @@ unsafe extern "C" fn split_rows(dst: *mut g::ggml_tensor, ith: i32, nth: i32, _:
             let hi = std::slice::from_raw_parts_mut(out.add((batch * 2 * m + r) * blocks), blocks);
             let lo = std::slice::from_raw_parts_mut(out.add((batch * 2 * m + m + r) * blocks), blocks);
             for ((x, hi), lo) in x[row * k..][..k].chunks_exact(Q8_K_BLOCK).zip(hi).zip(lo) {
-                let mut lost = [0f32; Q8_K_BLOCK];
-                round(x, hi, &mut lost);
-                round(&lost, lo, &mut [0f32; Q8_K_BLOCK]);
+                round(x, hi);
+                round(&lost(x, hi), lo);
             }
         }
     }
 }
 
+/// What rounding `x` to `block` lost.
+fn lost(x: &[f32], block: &BlockQ8K) -> [f32; Q8_K_BLOCK] {
+    std::array::from_fn(|i| x[i] - block.qs[i] as f32 * block.d)
+}
+
 /// Rounds 256 values to a Q8_K block as ggml's `quantize_row_q8_K_ref` does, bit for bit (the largest
-/// magnitude to -127, a negative scale for a positive value), so hi is what ggml itself would multiply;
-/// leaves in `lost` what the rounding lost.
-fn round(x: &[f32], block: &mut BlockQ8K, lost: &mut [f32; Q8_K_BLOCK]) {
+/// magnitude to -127, a negative scale for a positive value), so hi is what ggml itself would multiply.
+fn round(x: &[f32], block: &mut BlockQ8K) {
     // Magnitudes order as their bits do, so the largest is an integer maximum (which vectorizes), and
     // a NaN or an infinity shows as bits at or above infinity's.
     let widest = x.iter().fold(0u32, |m, v| m.max(v.to_bits() & 0x7fff_ffff));
     if widest >= f32::INFINITY.to_bits() {
         // No integer for it: a NaN scale makes the product say so.
         (block.d, block.qs, block.bsums) = (f32::NAN, [0; Q8_K_BLOCK], [0; Q8_K_BLOCK / 16]);
-        lost.fill(0.0);
         return;
     }
     // ggml scales by the first value of that magnitude, to -127.
@@ -98,10 +100,8 @@ fn round(x: &[f32], block: &mut BlockQ8K, lost: &mut [f32; Q8_K_BLOCK]) {
     // ggml's nearest_int: adding 1.5 * 2^23 leaves a float no fraction bits, so its low mantissa bits
     // are the integer, rounded ties to even (|iscale * v| <= 127).
     const ROUND: f32 = 12_582_912.0;
-    for ((&v, q), lost) in x.iter().zip(&mut block.qs).zip(lost) {
-        let rounded = (((iscale * v + ROUND).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000).min(127);
-        *q = rounded as i8;
-        *lost = v - rounded as f32 * scale;
+    for (&v, q) in x.iter().zip(&mut block.qs) {
+        *q = (((iscale * v + ROUND).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000).min(127) as i8;
     }
     for (sum, group) in block.bsums.iter_mut().zip(block.qs.chunks_exact(16)) {
         *sum = group.iter().map(|&q| q as i16).sum();
@@ -111,8 +111,14 @@ fn round(x: &[f32], block: &mut BlockQ8K, lost: &mut [f32; Q8_K_BLOCK]) {
 
 #[cfg(test)]
 mod tests {
-    use super::{round, BlockQ8K, Q8_K_BLOCK};
+    use super::{BlockQ8K, Q8_K_BLOCK};
     use llama_cpp_sys_2 as g;
+
+    /// The split's two steps for one block: rounding it, and what that lost.
+    fn round(x: &[f32], block: &mut BlockQ8K, lost: &mut [f32; Q8_K_BLOCK]) {
+        super::round(x, block);
+        *lost = super::lost(x, block);
+    }
 
     fn empty() -> BlockQ8K {
         BlockQ8K { d: 0.0, qs: [0; Q8_K_BLOCK], bsums: [0; Q8_K_BLOCK / 16] }
