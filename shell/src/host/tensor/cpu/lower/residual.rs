@@ -54,36 +54,65 @@ impl Graph {
 }
 
 /// ggml calls this on each of `nth` threads for `dst` [K, 2M, ..] of Q8_K blocks made by
-/// [`Graph::k_quant_product`] from its contiguous f32 source [K, M, ..]; thread `ith` takes every nth row.
+/// [`Graph::k_quant_product`] from its contiguous f32 source [K, M, ..]; thread `ith` takes the ith of
+/// `nth` runs of its blocks.
 unsafe extern "C" fn split_rows(dst: *mut g::ggml_tensor, ith: i32, nth: i32, _: *mut std::ffi::c_void) {
     // SAFETY: the source is a contiguous f32 tensor and dst a contiguous Q8_K one of the shapes above
     // (`BlockQ8K` is ggml's block, checked by size; ggml aligns tensor data), both alive while ggml
-    // computes dst; the threads write disjoint rows.
+    // computes dst; the threads write disjoint blocks.
     unsafe {
         let a = (*dst).src[0];
         let [k, m, b2, b3] = ne_of(a).map(|n| n as usize);
         let x = std::slice::from_raw_parts((*a).data as *const f32, k * m * b2 * b3);
         let blocks = k / Q8_K_BLOCK;
         let out = (*dst).data as *mut BlockQ8K;
-        for row in (ith.max(0) as usize..m * b2 * b3).step_by(nth.max(1) as usize) {
+        // Each thread takes a run of the blocks of all rows: a decode step's one row is split too.
+        let (total, nth) = (m * b2 * b3 * blocks, nth.max(1) as usize);
+        let share = total.div_ceil(nth);
+        let (start, end) = ((ith.max(0) as usize * share).min(total), ((ith.max(0) as usize + 1) * share).min(total));
+        for n in start..end {
+            let (row, block) = (n / blocks, n % blocks);
             let (batch, r) = (row / m, row % m);
-            let hi = std::slice::from_raw_parts_mut(out.add((batch * 2 * m + r) * blocks), blocks);
-            let lo = std::slice::from_raw_parts_mut(out.add((batch * 2 * m + m + r) * blocks), blocks);
-            for ((x, hi), lo) in x[row * k..][..k].chunks_exact(Q8_K_BLOCK).zip(hi).zip(lo) {
-                round(x, hi);
-                round(&lost(x, hi), lo);
-            }
+            let hi = &mut *out.add((batch * 2 * m + r) * blocks + block);
+            let lo = &mut *out.add((batch * 2 * m + m + r) * blocks + block);
+            split(&x[n * Q8_K_BLOCK..][..Q8_K_BLOCK], hi, lo);
         }
     }
 }
 
+/// Rounds the 256 values `x` to `hi`, and what that lost to `lo`: with AVX2's 8 lanes where the CPU
+/// has them (the build targets any x86-64, whose SSE2 has no integer min and max of 32 bits), which
+/// computes the same values in the same order.
+fn split(x: &[f32], hi: &mut BlockQ8K, lo: &mut BlockQ8K) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, just checked.
+        return unsafe { split_avx2(x, hi, lo) };
+    }
+    split_block(x, hi, lo)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn split_avx2(x: &[f32], hi: &mut BlockQ8K, lo: &mut BlockQ8K) {
+    split_block(x, hi, lo)
+}
+
+#[inline(always)]
+fn split_block(x: &[f32], hi: &mut BlockQ8K, lo: &mut BlockQ8K) {
+    round(x, hi);
+    round(&lost(x, hi), lo);
+}
+
 /// What rounding `x` to `block` lost.
+#[inline(always)]
 fn lost(x: &[f32], block: &BlockQ8K) -> [f32; Q8_K_BLOCK] {
     std::array::from_fn(|i| x[i] - block.qs[i] as f32 * block.d)
 }
 
 /// Rounds 256 values to a Q8_K block as ggml's `quantize_row_q8_K_ref` does, bit for bit (the largest
 /// magnitude to -127, a negative scale for a positive value), so hi is what ggml itself would multiply.
+#[inline(always)]
 fn round(x: &[f32], block: &mut BlockQ8K) {
     // Magnitudes order as their bits do, so the largest is an integer maximum (which vectorizes), and
     // a NaN or an infinity shows as bits at or above infinity's.
@@ -157,6 +186,13 @@ mod tests {
             round(&x, &mut hi, &mut lost);
             let reference = ggml_rounding(&x);
             assert_eq!((hi.d.to_bits(), hi.qs, hi.bsums), (reference.d.to_bits(), reference.qs, reference.bsums));
+            // The split the product runs (with AVX2 where the CPU has it) makes the same two blocks.
+            let (mut split_hi, mut split_lo) = (empty(), empty());
+            super::split(&x, &mut split_hi, &mut split_lo);
+            let lo_reference = ggml_rounding(&lost);
+            for (got, want) in [(&split_hi, &reference), (&split_lo, &lo_reference)] {
+                assert_eq!((got.d.to_bits(), got.qs, got.bsums), (want.d.to_bits(), want.qs, want.bsums));
+            }
         }
         round(&x, &mut hi, &mut lost);
         // What it loses is within half a step, at the large value's scale, and is kept.
