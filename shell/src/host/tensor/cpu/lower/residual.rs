@@ -94,7 +94,7 @@ fn split(x: &[f32], hi: &mut BlockQ8K, lo: &mut BlockQ8K) {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn split_avx2(x: &[f32], hi: &mut BlockQ8K, lo: &mut BlockQ8K) {
+fn split_avx2(x: &[f32], hi: &mut BlockQ8K, lo: &mut BlockQ8K) {
     split_block(x, hi, lo)
 }
 
