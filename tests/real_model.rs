@@ -106,18 +106,30 @@ fn quantized_execution_agrees_with_f32_on_real_text() {
 }
 
 /// The 0.1.0 adapter (tests/fixtures/adapters) gets the GGUF's blocks reported as float32 arrays and the
-/// current one as block dtypes; both computations are the same blocks multiplied the same way.
+/// current one as block dtypes. Dequantized to f32, both run the same graph: the same logits, bit for
+/// bit. With the blocks as stored, both multiply the same blocks, but the current adapter, seeing block
+/// dtypes, caches keys and values in f16 (as llama.cpp does) where the 0.1.0 one keeps f32: the same
+/// top token at every position, the logits apart by f16's rounding carried through 18 layers (measured
+/// 0.65 at most over 2.6 M logits).
 #[test]
 fn both_contract_versions_compute_the_same_on_the_real_gguf() {
     let Some((gguf, tokenizer)) = demo_model() else { return };
     let ids = tokenizer.encode("The harbor town woke slowly in the winter.", true).unwrap().get_ids().to_vec();
     let old = common::host_with(Default::default()).load(&common::fixture("adapters/gemma-0.1.0.wasm")).unwrap();
-    let mut logits = Vec::new();
-    for adapter in [old, common::load("gemma")] {
+    let current = common::load("gemma");
+    let logits = |adapter: &edgechat::adapter::Adapter, precision| {
         let checkpoint = GgufCheckpoint::open(&gguf).unwrap();
-        let mut model = Model::load(&adapter, OpenCheckpoint::new(Box::new(checkpoint), Precision::Auto)).unwrap();
+        let mut model = Model::load(adapter, OpenCheckpoint::new(Box::new(checkpoint), precision)).unwrap();
         let cache = model.new_cache().unwrap();
-        logits.push(model.forward(&ids, &cache, true).unwrap());
+        model.forward(&ids, &cache, true).unwrap()
+    };
+    assert_eq!(logits(&old, Precision::F32), logits(&current, Precision::F32));
+    let (old, current) = (logits(&old, Precision::Auto), logits(&current, Precision::Auto));
+    assert_ne!(old, current, "the current adapter should cache keys and values of block weights in f16");
+    let vocab = old.len() / ids.len();
+    for (position, (a, b)) in old.chunks(vocab).zip(current.chunks(vocab)).enumerate() {
+        assert_eq!(argmax(a), argmax(b), "position {position}: the two contract versions' top tokens differ");
     }
-    assert_eq!(logits[0], logits[1]);
+    let worst = old.iter().zip(&current).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    assert!(worst < 1.0, "the two contract versions' logits differ by up to {worst}");
 }

@@ -223,7 +223,8 @@ impl Gemma3 {
 
     pub fn new_cache(&self) -> Cache {
         let c = &self.config;
-        Cache { layers: c.sliding.iter().map(|&s| KvCache::new(s.then_some(c.sliding_window))).collect() }
+        let stored = self.layers.first().and_then(|layer| layer.k.cache_dtype());
+        Cache { layers: c.sliding.iter().map(|&s| KvCache::new(s.then_some(c.sliding_window), stored)).collect() }
     }
 
     pub fn forward(&self, tokens: &[u32], ids: &Tensor, cache: &mut Cache, all_positions: bool) -> R<Tensor> {

@@ -48,6 +48,8 @@ pub fn load_dense(name: &str) -> R<Tensor> {
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// Whether the shell keeps W in one of ggml's block formats (GGUF Q4_0 .. Q6_K) and multiplies blocks.
+    in_blocks: bool,
 }
 
 enum LinearWeight {
@@ -58,11 +60,17 @@ enum LinearWeight {
 
 impl Linear {
     pub fn load(name: &str) -> R<Self> {
-        let weight = match load(name)? {
-            Entry::Dense(w) => LinearWeight::Dense(tensor::transpose(&w, &[1, 0])?),
-            Entry::Quantized(q) => LinearWeight::Quantized(q),
+        let (weight, in_blocks) = match load(name)? {
+            Entry::Dense(w) => (LinearWeight::Dense(tensor::transpose(&w, &[1, 0])?), is_block_format(w.dtype()?)),
+            Entry::Quantized(q) => (LinearWeight::Quantized(q), false),
         };
-        Ok(Linear { weight, bias: None })
+        Ok(Linear { weight, bias: None, in_blocks })
+    }
+
+    /// The dtype a cache should keep what this projection computes in (see [`KvCache::new`]): f16 when
+    /// the weight is in ggml blocks, None (as computed) otherwise.
+    pub fn cache_dtype(&self) -> Option<Dtype> {
+        self.in_blocks.then_some(Dtype::Float16)
     }
 
     /// A linear layer with a bias vector stored under `bias`.
@@ -80,6 +88,11 @@ impl Linear {
             None => Ok(y),
         }
     }
+}
+
+fn is_block_format(dtype: Dtype) -> bool {
+    use Dtype::*;
+    matches!(dtype, Q40 | Q41 | Q50 | Q51 | Q80 | Q4K | Q5K | Q6K)
 }
 
 /// Token embeddings [vocab, hidden], also usable as the output head when tied.
@@ -244,15 +257,21 @@ pub struct KvCache {
     pub values: History,
     /// Sliding-window size, if the layer attends locally.
     pub window: Option<u32>,
+    /// What keys and values are stored as; None keeps them as computed.
+    stored: Option<Dtype>,
 }
 
 impl KvCache {
-    pub fn new(window: Option<u32>) -> Self {
+    /// `stored`: f16 for a model whose weights are ggml blocks (from [`Linear::cache_dtype`]), as
+    /// llama.cpp stores its caches. Decode attention reads the whole cache every token, and at a few
+    /// hundred positions halving those bytes is ~3 % of a step; f16's rounding (2^-11) is far below the
+    /// blocks' own. Dense checkpoints keep their compute dtype, so f32 runs stay exact.
+    pub fn new(window: Option<u32>, stored: Option<Dtype>) -> Self {
         let history = || match window {
             Some(w) => History::bounded(2, w - 1),
             None => History::unbounded(2),
         };
-        KvCache { keys: history(), values: history(), window }
+        KvCache { keys: history(), values: history(), window, stored }
     }
 
     pub fn offset(&self) -> u32 {
@@ -268,6 +287,10 @@ impl KvCache {
     /// `t` positions, which the caller knows; asking the host would be one more call per layer and token).
     pub fn attend(&mut self, q: &Tensor, k: Tensor, v: Tensor, t: u32, scale: f32) -> R<Tensor> {
         let first = self.offset();
+        let (k, v) = match self.stored {
+            Some(dtype) => (tensor::astype(&k, dtype)?, tensor::astype(&v, dtype)?),
+            None => (k, v),
+        };
         self.keys.append(k, t)?;
         self.values.append(v, t)?;
         let (keys, values) = (self.keys.data().ok_or("no keys")?, self.values.data().ok_or("no values")?);

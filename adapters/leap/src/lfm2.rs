@@ -236,10 +236,14 @@ impl Lfm2 {
 
     pub fn new_cache(&self) -> Cache {
         let c = &self.config;
+        let stored = self.layers.iter().find_map(|layer| match &layer.operator {
+            Operator::Attention { k, .. } => k.cache_dtype(),
+            Operator::Conv { .. } => None,
+        });
         let layers = c
             .attention
             .iter()
-            .map(|&attention| if attention { LayerCache::Attention(KvCache::new(None)) } else { LayerCache::Conv(History::bounded(1, c.conv_kernel - 1)) })
+            .map(|&attention| if attention { LayerCache::Attention(KvCache::new(None, stored)) } else { LayerCache::Conv(History::bounded(1, c.conv_kernel - 1)) })
             .collect();
         Cache { layers }
     }
