@@ -110,7 +110,7 @@ fn quantized_execution_agrees_with_f32_on_real_text() {
 /// bit. With the blocks as stored, both multiply the same blocks, but the current adapter, seeing block
 /// dtypes, caches keys and values in f16 (as llama.cpp does) where the 0.1.0 one keeps f32: the same
 /// top token at every position, the logits apart by f16's rounding carried through 18 layers (measured
-/// 0.65 at most over 2.6 M logits).
+/// 0.65 at most over 2.6 M logits). (On MLX, which dequantizes blocks, `auto` is f32 and both agree exactly.)
 #[test]
 fn both_contract_versions_compute_the_same_on_the_real_gguf() {
     let Some((gguf, tokenizer)) = demo_model() else { return };
@@ -125,6 +125,11 @@ fn both_contract_versions_compute_the_same_on_the_real_gguf() {
     };
     assert_eq!(logits(&old, Precision::F32), logits(&current, Precision::F32));
     let (old, current) = (logits(&old, Precision::Auto), logits(&current, Precision::Auto));
+    if edgechat::host::tensor::active::chosen() != edgechat::host::tensor::BackendKind::Cpu {
+        // MLX dequantizes the blocks: both run in f32, f32 caches included.
+        assert_eq!(old, current);
+        return;
+    }
     assert_ne!(old, current, "the current adapter should cache keys and values of block weights in f16");
     let vocab = old.len() / ids.len();
     for (position, (a, b)) in old.chunks(vocab).zip(current.chunks(vocab)).enumerate() {
