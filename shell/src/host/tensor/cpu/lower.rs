@@ -201,12 +201,12 @@ struct Graph {
     outputs: Vec<Output>,
     /// The node of the order being lowered.
     current: usize,
-    /// From the [`Structure`]: each node's padded rows, the GELUs computed in their products, and the
-    /// leaves' numbers.
+    /// From the [`Structure`]: each node's padded rows, the nodes computed inside their one reader, and
+    /// the leaves' numbers.
     padded: Vec<Option<i64>>,
-    gelu_in_product: Vec<bool>,
-    /// The GELU nodes left to their products so far.
-    in_product: HashSet<*const super::Node>,
+    folded: Vec<bool>,
+    /// The nodes left to their readers so far.
+    in_reader: HashSet<*const super::Node>,
     leaf_number: HashMap<*const super::Node, usize>,
     bindings: Bindings,
 }
@@ -242,8 +242,8 @@ impl Graph {
             outputs: Vec::new(),
             current: 0,
             padded: structure.padded.clone(),
-            gelu_in_product: structure.gelu_in_product.clone(),
-            in_product: HashSet::default(),
+            folded: structure.folded.clone(),
+            in_reader: HashSet::default(),
             leaf_number: structure.leaf_number.clone(),
             bindings: Bindings { complete: true, ..Bindings::default() },
         })
@@ -275,9 +275,9 @@ impl Graph {
                     deferred.insert(Arc::as_ptr(&node.0));
                     continue;
                 }
-                if self.gelu_in_product[i] {
-                    // Computed by the product that reads it (see `gated`).
-                    self.in_product.insert(Arc::as_ptr(&node.0));
+                if self.folded[i] {
+                    // Computed by the node that reads it (see `gated`, `append`).
+                    self.in_reader.insert(Arc::as_ptr(&node.0));
                     continue;
                 }
                 // A product reads a deferred weight as stored (see `matmul`); any other reader gets its view.
@@ -320,7 +320,7 @@ impl Graph {
         self.mark_outputs(order, keep, &lowered);
         self.leaves.clear();
         self.leaf_number.clear();
-        self.in_product.clear();
+        self.in_reader.clear();
         Ok(())
     }
 

@@ -18,15 +18,20 @@ impl Graph {
         let [old, new] = inputs else { return Ok(None) };
         let n = self.lowered_ne(node)?;
         let room = n.iter().product::<i64>() as usize * node.0.dtype.size();
+        // New rows cast from f32 (an f16 cache's) that only this append reads are copied from the cast's
+        // source: ggml's copy converts as its cast does, the same bits, with a node fewer.
+        let folded_cast = self.in_reader.contains(&Arc::as_ptr(&new.0)).then(|| reuse::cast_from_f32(new)).flatten();
         let Some(buffer) = self.grow(old, node, room)? else {
-            if n != ne(&node.0.shape)? {
+            // (A padded append, or one whose cast was left to it, has no other lowering.)
+            if n != ne(&node.0.shape)? || folded_cast.is_some() {
                 return Err("could not grow a cache in place".into());
             }
             return Ok(None);
         };
-        let new_t = match lowered.get(&Arc::as_ptr(&new.0)) {
+        let rows = folded_cast.as_ref().unwrap_or(new);
+        let new_t = match lowered.get(&Arc::as_ptr(&rows.0)) {
             Some(&t) => t,
-            None => self.leaf(new)?,
+            None => self.leaf(rows)?,
         };
         let new_t = self.float(new_t)?;
         // SAFETY: a tensor over the grown buffer (its room covers the padded rows), and a view of it as
@@ -68,11 +73,11 @@ impl Graph {
     }
 
     /// `gelu_tanh(gate) * up` as one node, for a GELU that only this product reads (see
-    /// `reuse::gelus_in_products`): Gemma's MLP, one node and one pass over memory fewer per layer, and
+    /// `reuse::folded`): Gemma's MLP, one node and one pass over memory fewer per layer, and
     /// the same f32 arithmetic as the two ops.
     pub(super) fn gated(&mut self, op: &Op, inputs: &[Array], lowered: &HashMap<*const Node, T>, deferred: &HashSet<*const Node>) -> OpResult<Option<T>> {
         let (Op::Multiply, [a, b]) = (op, inputs) else { return Ok(None) };
-        let (gelu, other) = match (self.in_product.contains(&Arc::as_ptr(&a.0)), self.in_product.contains(&Arc::as_ptr(&b.0))) {
+        let (gelu, other) = match (self.in_reader.contains(&Arc::as_ptr(&a.0)), self.in_reader.contains(&Arc::as_ptr(&b.0))) {
             (true, _) => (a, b),
             (false, true) => (b, a),
             (false, false) => return Ok(None),
@@ -299,9 +304,29 @@ fn exp(t: f32) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::runner::last_ops;
     use super::exp;
     use crate::host::tensor::cpu::CpuBackend;
-    use crate::host::tensor::Backend;
+    use crate::host::tensor::{Backend, DType};
+    use llama_cpp_sys_2 as g;
+
+    /// Rows cast from f32 into an f16 cache (a block-quantized model's) are converted by the append's own
+    /// copy: the cache holds the cast's bits, and no cast is computed on its own.
+    #[test]
+    fn rows_cast_into_an_f16_cache_are_converted_by_the_append() {
+        let cpu = CpuBackend;
+        let rows = |n: i32, seed: f32| cpu.from_f32(&(0..n * 8).map(|i| (i as f32 * 0.37 + seed).sin() * 300.0).collect::<Vec<_>>(), &[1, 1, n, 8]).unwrap();
+        let old = cpu.astype(&rows(4, 0.5), DType::F16).unwrap();
+        cpu.eval(&[&old]).unwrap();
+        let new = cpu.scale(&rows(1, 1.5), 1.001).unwrap();
+        let joined = cpu.concatenate(&[&old, &cpu.astype(&new, DType::F16).unwrap()], 2).unwrap();
+        drop(old);
+        cpu.eval(&[&joined]).unwrap();
+        let ops = last_ops();
+        assert_eq!(ops.iter().filter(|&&op| op == g::GGML_OP_CPY).count(), 1, "one copy converts and places the new rows: {ops:?}");
+        let cast = cpu.read_f32(&cpu.astype(&new, DType::F16).unwrap()).unwrap();
+        assert_eq!(cpu.read_f32(&joined).unwrap()[32..], cast[..]);
+    }
 
     /// `gelu(gate) * up` in one graph (one fused node) equals the GELU computed and read first, then
     /// multiplied: the same f32 arithmetic, bit for bit, whichever operand the GELU is.
