@@ -77,7 +77,7 @@ impl Graph {
                 // lives until it becomes the node's data below.
                 unsafe {
                     let bytes = g::ggml_nbytes(memory);
-                    let buffer = if growable { Buffer::growable(bytes) } else { Buffer::zeroed(bytes) };
+                    let buffer = if growable { Buffer::growable(bytes) } else { Buffer::for_result(bytes) };
                     (*memory).data = buffer.ptr();
                     buffer
                 }
