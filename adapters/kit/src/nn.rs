@@ -263,9 +263,10 @@ pub struct KvCache {
 
 impl KvCache {
     /// `stored`: f16 for a model whose weights are ggml blocks (from [`Linear::cache_dtype`]), as
-    /// llama.cpp stores its caches. Decode attention reads the whole cache every token, and at a few
-    /// hundred positions halving those bytes is ~3 % of a step; f16's rounding (2^-11) is far below the
-    /// blocks' own. Dense checkpoints keep their compute dtype, so f32 runs stay exact.
+    /// llama.cpp stores its caches. Decode attention reads the whole cache every token: at 512-768
+    /// positions it was ~7 % of a Gemma 3 step over f32 caches, and f16 halves the bytes. Agreement with
+    /// f32 moves by 0.1-0.2 points (docs/benchmarks.md). Dense checkpoints keep their compute dtype, so
+    /// f32 runs stay exact.
     pub fn new(window: Option<u32>, stored: Option<Dtype>) -> Self {
         let history = || match window {
             Some(w) => History::bounded(2, w - 1),
