@@ -187,14 +187,20 @@ unsafe extern "C" fn gated_gelu_rows(dst: *mut g::ggml_tensor, a: *const g::ggml
     unsafe { gelu_share(dst, a, Some(b), ith, nth) }
 }
 
+/// Thread `ith` of `nth`'s run of `total` items in a custom op: consecutive, disjoint, covering all.
+pub(super) fn thread_share(total: usize, ith: i32, nth: i32) -> std::ops::Range<usize> {
+    let share = total.div_ceil(nth.max(1) as usize);
+    let ith = ith.max(0) as usize;
+    (ith * share).min(total)..((ith + 1) * share).min(total)
+}
+
 /// # Safety
 /// `dst`, `a` and `up` hold ggml_nelements(a) contiguous f32 values; the threads' ranges are disjoint.
 unsafe fn gelu_share(dst: *mut g::ggml_tensor, a: *const g::ggml_tensor, up: Option<*const g::ggml_tensor>, ith: i32, nth: i32) {
     // SAFETY: per the contract above.
     unsafe {
         let n = g::ggml_nelements(a) as usize;
-        let share = n.div_ceil(nth.max(1) as usize);
-        let (start, end) = ((ith as usize * share).min(n), ((ith as usize + 1) * share).min(n));
+        let std::ops::Range { start, end } = thread_share(n, ith, nth);
         let x = &std::slice::from_raw_parts((*a).data as *const f32, n)[start..end];
         let y = &mut std::slice::from_raw_parts_mut((*dst).data as *mut f32, n)[start..end];
         let up = up.map(|up| &std::slice::from_raw_parts((*up).data as *const f32, n)[start..end]);

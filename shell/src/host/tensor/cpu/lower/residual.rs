@@ -15,6 +15,7 @@
 //! rounded both halves), and the split has the integers at hand anyway. What the residual costs is the
 //! K-quant products' arithmetic twice and two more graph nodes (docs/benchmarks.md).
 
+use super::fused::thread_share;
 use super::{ne_of, Graph, T};
 use llama_cpp_sys_2 as g;
 
@@ -67,10 +68,7 @@ unsafe extern "C" fn split_rows(dst: *mut g::ggml_tensor, ith: i32, nth: i32, _:
         let blocks = k / Q8_K_BLOCK;
         let out = (*dst).data as *mut BlockQ8K;
         // Each thread takes a run of the blocks of all rows: a decode step's one row is split too.
-        let (total, nth) = (m * b2 * b3 * blocks, nth.max(1) as usize);
-        let share = total.div_ceil(nth);
-        let (start, end) = ((ith.max(0) as usize * share).min(total), ((ith.max(0) as usize + 1) * share).min(total));
-        for n in start..end {
+        for n in thread_share(m * b2 * b3 * blocks, ith, nth) {
             let (row, block) = (n / blocks, n % blocks);
             let (batch, r) = (row / m, row % m);
             let hi = &mut *out.add((batch * 2 * m + r) * blocks + block);
