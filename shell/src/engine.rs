@@ -145,11 +145,13 @@ impl Model {
         let logits: Resource<TensorHandle> = self.session.call("model.forward", |store, b| {
             b.forward(store, model, tokens, cache, all_positions)
         })?;
-        let built = started.elapsed();
-        self.graph_build += built;
+        let called = started.elapsed();
         let rows = if all_positions { tokens.len() } else { 1 };
         let name = self.session.adapter().name().to_owned();
         let state = self.session.state_mut()?;
+        // A template run computed inside the call (see host::tensor::replay) is evaluation, not building.
+        let built = called.saturating_sub(std::mem::take(&mut state.tensors.computed_in_calls));
+        self.graph_build += built;
         // The shape is checked before anything is evaluated or read: the adapter chose this array.
         let checked = state.array(&logits).map_err(anyhow::Error::from).and_then(|a| {
             let shape = state.tensors.backend.shape(a);
@@ -164,7 +166,7 @@ impl Model {
             let values = if wanted { backend.read_f32(&a) } else { backend.discard(a).map(|()| Vec::new()) };
             values.map_err(anyhow::Error::msg).context("evaluating the model's graph")
         });
-        tracing::debug!(tokens = tokens.len(), "forward: graph built in {built:?}, evaluated in {:?}", started.elapsed() - built);
+        tracing::debug!(tokens = tokens.len(), "forward: graph built in {built:?}, evaluated in {:?}", started.elapsed().saturating_sub(built));
         values
     }
 

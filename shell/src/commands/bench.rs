@@ -5,6 +5,7 @@ use super::run::peak_rss_bytes;
 use crate::shell::Shell;
 use crate::text::human_bytes;
 use crate::generate::argmax;
+use crate::host::tensor::cpu::{reused_graphs, unrecorded_steps};
 use crate::host::weights::Precision;
 use crate::models;
 use crate::chat::{ChatSession, LoadedModel};
@@ -40,7 +41,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let span = model.vocab.saturating_sub(1000).max(1);
     let prompt: Vec<u32> = (0..args.prompt_tokens as u32).map(|i| 1000 + (i * 7919) % span).collect();
 
-    let (mut prefill, mut decode, mut build, mut reused) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut prefill, mut decode, mut build, mut reused, mut unrecorded) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for run in 0..=args.runs {
         let cache = model.new_cache()?;
         let t = Instant::now();
@@ -48,13 +49,14 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         let prefill_time = t.elapsed();
         let t = Instant::now();
         let built_before = model.graph_build_time();
-        let reused_before = crate::host::tensor::cpu::reused_graphs();
+        let (reused_before, unrecorded_before) = (reused_graphs(), unrecorded_steps());
         for _ in 1..args.gen_tokens {
             next = argmax(&model.forward(&[next], &cache, false)?);
         }
         let decode_time = t.elapsed();
         let built = model.graph_build_time() - built_before;
-        let steps_reused = crate::host::tensor::cpu::reused_graphs() - reused_before;
+        let unrecorded_steps = unrecorded_steps() - unrecorded_before;
+        let steps_reused = reused_graphs() - reused_before + unrecorded_steps;
         if run == 0 {
             continue; // warm-up: first-touch of weights, allocator growth
         }
@@ -62,11 +64,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         decode.push((args.gen_tokens - 1) as f64 / decode_time.as_secs_f64());
         build.push(built.as_secs_f64() / decode_time.as_secs_f64());
         reused.push(steps_reused as f64 / (args.gen_tokens - 1) as f64);
+        unrecorded.push(unrecorded_steps as f64 / (args.gen_tokens - 1) as f64);
     }
     let (prefill, decode, build) = (median(prefill), median(decode), median(build));
     // Graph reuse is the cpu backend's (MLX builds its own graphs).
     let on_cpu = crate::host::tensor::active::chosen() == crate::host::tensor::BackendKind::Cpu;
     let reused = on_cpu.then(|| median(reused));
+    let unrecorded = on_cpu.then(|| median(unrecorded));
     let peak = peak_rss_bytes();
     if args.json {
         println!(
@@ -77,7 +81,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 "dtype": format!("{precision:?}").to_lowercase(), "load_seconds": load_time.as_secs_f64(),
                 "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
                 "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
-                "boundary_share": build, "reused_graph_share": reused, "peak_rss_bytes": peak, "weight_bytes": weight_bytes,
+                "boundary_share": build, "reused_graph_share": reused, "unrecorded_step_share": unrecorded, "peak_rss_bytes": peak, "weight_bytes": weight_bytes,
                 "peak_rss_per_weight_byte": peak as f64 / weight_bytes.max(1) as f64,
             })
         );
@@ -90,6 +94,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     println!("graph building   {:.1}% of decode time (adapter + host calls; an upper bound on the WASM boundary's cost)", build * 100.0);
     if let Some(reused) = reused {
         println!("graph reuse      {:.0}% of decode steps computed the ggml graph kept from the step before", reused * 100.0);
+    }
+    if let Some(unrecorded) = unrecorded {
+        println!("unrecorded steps {:.0}% of decode steps were computed without recording their ops", unrecorded * 100.0);
     }
     println!(
         "peak RSS         {} ({:.2}x the weights' {} as stored)",

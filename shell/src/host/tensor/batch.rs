@@ -4,8 +4,10 @@
 //! it keeps ~40), and counts against the caps like any handle. The results the adapter asked to keep
 //! move into the table when the batch ends; the others are released then.
 
+use super::active::AnyArray;
+use super::replay::Seen;
 use super::wit::{self, BatchMask, Host, Op};
-use super::{Handle, TensorHandle, Tensors};
+use super::{Backend, Handle, TensorHandle, Tensors};
 use crate::host::HostState;
 use wasmtime::component::Resource;
 
@@ -38,10 +40,21 @@ struct Value(u32);
 
 /// Records `ops` (with rotary and sliding-window query offsets moved `shift` positions on: see
 /// [`template`](super::template)) and returns handles to the values in `keep`.
-pub(super) fn record(state: &mut HostState, inputs: Vec<Handle>, ops: &[Op], keep: &[u32], shift: u32) -> Outcome<Vec<Handle>> {
+/// `seen`: filled with every value's shape, type and cpu node when the batch is recorded.
+pub(super) fn record(state: &mut HostState, inputs: Vec<Handle>, ops: &[Op], keep: &[u32], shift: u32, seen: Option<&mut Vec<Seen>>) -> Outcome<Vec<Handle>> {
     let mut values = Vec::with_capacity(ops.len());
     state.tensors.batch = Some(Vec::with_capacity(ops.len()));
     let recorded = record_all(state, &inputs, ops, shift, &mut values);
+    if let (Ok(Ok(())), Some(seen)) = (&recorded, seen) {
+        for value in &values {
+            let entry = state.entry(&Resource::new_borrow(value.0))?;
+            let id = match &entry.array {
+                AnyArray::Cpu(a) => a.id(),
+                AnyArray::Mlx(_) => u64::MAX,
+            };
+            seen.push(Seen { shape: state.tensors.backend.shape(&entry.array).to_vec(), dtype: entry.dtype, id });
+        }
+    }
     let mut results = state.tensors.batch.take().unwrap_or_default();
     let mut kept = Vec::with_capacity(keep.len());
     let outcome = match recorded {
@@ -101,7 +114,7 @@ fn operand(values: &[Value], v: u32) -> Result<Handle, String> {
 }
 
 /// `offset` moved `shift` positions on.
-fn later(offset: u32, shift: u32) -> Result<u32, String> {
+pub(super) fn later(offset: u32, shift: u32) -> Result<u32, String> {
     offset.checked_add(shift).ok_or_else(|| format!("position {offset} + {shift} overflows"))
 }
 

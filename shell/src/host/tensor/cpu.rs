@@ -27,6 +27,8 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 pub struct Array(Arc<Node>);
 
 pub struct Node {
+    /// Unique for the life of the process (an address is not: a later node may reuse it).
+    id: u64,
     shape: Vec<i32>,
     /// What the contract sees. Block-quantized data reports f32: it computes as the values it encodes.
     dtype: DType,
@@ -83,13 +85,34 @@ enum AttentionMask {
     Explicit,
 }
 
+impl Node {
+    fn new(shape: Vec<i32>, dtype: DType, blocks: Option<u32>, state: State) -> Node {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Node { id, shape, dtype, blocks, state: Mutex::new(state), dequantized: OnceLock::new() }
+    }
+}
+
 impl Array {
     fn ready(shape: Vec<i32>, dtype: DType, buffer: Buffer) -> Array {
-        Array(Arc::new(Node { shape, dtype, blocks: None, state: Mutex::new(State::Ready(Arc::new(buffer))), dequantized: OnceLock::new() }))
+        Array::ready_shared(shape, dtype, Arc::new(buffer))
+    }
+
+    fn ready_shared(shape: Vec<i32>, dtype: DType, buffer: Arc<Buffer>) -> Array {
+        Array(Arc::new(Node::new(shape, dtype, None, State::Ready(buffer))))
     }
 
     fn pending(shape: Vec<i32>, dtype: DType, op: Op, inputs: Vec<Array>) -> Array {
-        Array(Arc::new(Node { shape, dtype, blocks: None, state: Mutex::new(State::Pending(op, inputs)), dequantized: OnceLock::new() }))
+        Array(Arc::new(Node::new(shape, dtype, None, State::Pending(op, inputs))))
+    }
+
+    /// The node's process-unique id.
+    pub fn id(&self) -> u64 {
+        self.0.id
+    }
+
+    pub fn shape(&self) -> &[i32] {
+        &self.0.shape
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -127,10 +150,18 @@ impl Drop for Node {
     }
 }
 
+pub(super) use lower::step;
+
 /// How many evaluations so far computed a kept ggml graph again instead of lowering a new one (see
 /// `lower/reuse.rs`): process-wide, as the compute resources are.
 pub fn reused_graphs() -> u64 {
     lower::reused_graphs()
+}
+
+/// How many template runs so far were computed by the kept graph without being recorded (see
+/// `host/tensor/replay.rs`).
+pub fn unrecorded_steps() -> u64 {
+    step::steps_run()
 }
 
 /// `elements` values of ggml type `ggml_type` (GGUF's numbering) as f32, by ggml's reference
@@ -309,7 +340,7 @@ impl Backend for CpuBackend {
         if shape.len() > 4 {
             return Err(format!("block-quantized arrays hold at most 4 dimensions, not {shape:?}"));
         }
-        let node = Node { shape: shape.to_vec(), dtype: DType::F32, blocks: Some(ggml_type), state: Mutex::new(State::Ready(Arc::new(Buffer::mapped(map.clone(), range.start, bytes.len())))), dequantized: OnceLock::new() };
+        let node = Node::new(shape.to_vec(), DType::F32, Some(ggml_type), State::Ready(Arc::new(Buffer::mapped(map.clone(), range.start, bytes.len()))));
         Ok(Some(Array(Arc::new(node))))
     }
 

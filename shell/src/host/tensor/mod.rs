@@ -12,6 +12,7 @@ pub mod batch;
 pub mod checks;
 pub mod cpu;
 pub mod mlx;
+pub mod replay;
 pub mod template;
 
 use crate::adapter::bindings::edgechat::adapter::tensor as wit;
@@ -174,11 +175,16 @@ pub struct Tensors {
     template_bytes: usize,
     /// Templates run so far: the decode steps the adapter's own code did not record.
     pub template_runs: u64,
+    /// Of those, the runs the shell computed without recording them either (see [`replay`]).
+    pub unrecorded_runs: u64,
+    /// Time spent computing inside the adapter's calls (template runs computed without being recorded,
+    /// see [`replay`]), which is not graph building.
+    pub computed_in_calls: std::time::Duration,
 }
 
 impl Tensors {
     pub fn new(max_handles: usize, max_bytes: u64) -> Self {
-        Tensors { backend: ActiveBackend::default(), live_handles: 0, live_bytes: 0, peak_bytes: 0, max_handles, max_bytes, batch: None, template_bytes: 0, template_runs: 0 }
+        Tensors { backend: ActiveBackend::default(), live_handles: 0, live_bytes: 0, peak_bytes: 0, max_handles, max_bytes, batch: None, template_bytes: 0, template_runs: 0, unrecorded_runs: 0, computed_in_calls: std::time::Duration::ZERO }
     }
 }
 
@@ -552,7 +558,7 @@ impl wit::Host for HostState {
     }
 
     fn record_batch(&mut self, inputs: Vec<Handle>, ops: Vec<wit::Op>, keep: Vec<u32>) -> Outcome<Vec<Handle>> {
-        batch::record(self, inputs, &ops, &keep, 0)
+        batch::record(self, inputs, &ops, &keep, 0, None)
     }
 
     fn eval(&mut self, arrays: Vec<Handle>) -> Outcome<()> {

@@ -4,9 +4,9 @@
 //! each op is checked, charged and refused exactly as its single call would be. The adapter's own code
 //! does not run again, and the step crosses the boundary in one call instead of ~1 100.
 
-use super::batch;
+use super::replay::{self, LastRun};
 use super::wit::Op;
-use super::Handle;
+use super::{batch, BackendKind, Handle};
 use crate::host::HostState;
 use wasmtime::component::Resource;
 
@@ -33,6 +33,8 @@ pub struct Template {
     keep: Vec<u32>,
     /// What it is charged against [`MAX_TEMPLATE_BYTES`].
     bytes: usize,
+    /// The last run, for computing the next without recording it (cpu backend, see [`replay`]).
+    last: Option<LastRun>,
 }
 
 impl super::wit::HostTemplate for HostState {
@@ -63,21 +65,45 @@ fn create(state: &mut HostState, ops: Vec<Op>, keep: Vec<u32>) -> Outcome<Resour
     }
     t.template_bytes += bytes;
     t.live_handles += 1;
-    Ok(Ok(state.table.push(Template { ops, keep, bytes })?))
+    Ok(Ok(state.table.push(Template { ops, keep, bytes, last: None })?))
 }
 
 fn run(state: &mut HostState, template: &Resource<Template>, fixed: Vec<Handle>, inputs: Vec<Handle>, shift: u32) -> Outcome<Vec<Handle>> {
     // Taken out while they are recorded (recording needs the whole state) and put back after.
     let kept = state.table.get_mut(template)?;
-    let (ops, keep) = (std::mem::take(&mut kept.ops), std::mem::take(&mut kept.keep));
+    let (ops, keep, mut last) = (std::mem::take(&mut kept.ops), std::mem::take(&mut kept.keep), kept.last.take());
     state.tensors.template_runs += 1;
     let all: Vec<Handle> = fixed.into_iter().chain(inputs.iter().map(|h| Resource::new_borrow(h.rep()))).collect();
-    let result = batch::record(state, all, &ops, &keep, shift);
+    let replayed = match &mut last {
+        Some(last) => replay::run(state, &ops, &keep, last, &all, shift),
+        None => Ok(None),
+    };
+    let result = match replayed {
+        Ok(Some(kept)) => Ok(Ok(kept)),
+        Ok(None) => record(state, all, &ops, &keep, shift, &mut last),
+        Err(trap) => Err(trap),
+    };
     let kept = state.table.get_mut(template)?;
-    (kept.ops, kept.keep) = (ops, keep);
+    (kept.ops, kept.keep, kept.last) = (ops, keep, last);
     // Given up: what the results need of them stays recorded through the results.
     for input in inputs {
         super::wit::HostArray::drop(state, input)?;
+    }
+    result
+}
+
+/// Records a run op by op; on the cpu backend, remembers it so that the next may be computed without
+/// recording.
+fn record(state: &mut HostState, all: Vec<Handle>, ops: &[Op], keep: &[u32], shift: u32, last: &mut Option<LastRun>) -> Outcome<Vec<Handle>> {
+    *last = None;
+    if state.tensors.backend.kind() != BackendKind::Cpu {
+        return batch::record(state, all, ops, keep, shift, None);
+    }
+    let types = all.iter().map(|h| state.entry(h).map(|e| (e.dtype, e.blocks))).collect::<wasmtime::Result<Vec<_>>>()?;
+    let mut seen = Vec::with_capacity(ops.len());
+    let result = batch::record(state, all, ops, keep, shift, Some(&mut seen));
+    if matches!(result, Ok(Ok(_))) {
+        *last = Some(LastRun::recorded(seen, types));
     }
     result
 }

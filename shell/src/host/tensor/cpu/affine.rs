@@ -8,7 +8,7 @@
 //! bias as f16, which holds mlx-lm's bf16 scales exactly while they stay within f16's normal range
 //! (2^-14 to 65504), and rounds f32 ones to 11 significant bits.
 
-use super::{lower, to_f64, Array, Buffer, CpuBackend, DType, Mutex, Node, OnceLock, OpResult, State};
+use super::{lower, to_f64, Array, Buffer, CpuBackend, DType, Node, OpResult, State};
 use crate::host::tensor::Backend;
 use std::sync::Arc;
 
@@ -82,7 +82,7 @@ impl CpuBackend {
             return Ok(None);
         };
         let buffer = Arc::new(Buffer::from_bytes(&blocks));
-        let node = Node { shape: vec![rows, columns], dtype: DType::F32, blocks: Some(lower::Q4_1), state: Mutex::new(State::Ready(buffer)), dequantized: OnceLock::new() };
+        let node = Node::new(vec![rows, columns], DType::F32, Some(lower::Q4_1), State::Ready(buffer));
         Ok(Some(Array(Arc::new(node))))
     }
 }

@@ -17,12 +17,13 @@ mod residual;
 mod results;
 mod reuse;
 mod runner;
+pub(in crate::host::tensor) mod step;
 mod types;
 mod unread;
 
 pub(in crate::host::tensor) use reuse::reused_graphs;
 use results::Output;
-use reuse::{Bindings, Structure};
+use reuse::{Bindings, Computed, Structure};
 use runner::{runner, Runner};
 pub(super) use runner::threads;
 pub(super) use unread::discard;
@@ -134,9 +135,11 @@ fn compute(roots: &[&Array], kind: Kept) -> OpResult<()> {
         Some(result) => result,
         None => {
             let mut graph = Graph::new(&mut runner, order.len(), edges, &structure)?;
-            let result = graph.run(&mut runner, &order, &keep);
+            graph.lower(&order, &keep)?;
+            let computed = Computed::of(&order, &structure, &graph.bindings);
+            let result = graph.finish(&mut runner, &order, false);
             if result.is_ok() {
-                reuse::keep(&mut runner, graph, structure);
+                reuse::keep(&mut runner, graph, structure, computed);
             }
             result
         }
@@ -190,8 +193,9 @@ struct Graph {
     /// Buffers of the graph's own (rope positions, masks), as long as the graph lives.
     own: Vec<Buffer>,
     leaves: HashMap<*const super::Node, T>,
-    /// Appends computed in place (see [`Graph::append`]): the buffer each such node ends up holding.
-    appended: HashMap<*const super::Node, Arc<Buffer>>,
+    /// Appends computed in place (see [`Graph::append`]): the buffer each such node of the order ends up
+    /// holding.
+    appended: HashMap<usize, Arc<Buffer>>,
     /// The masks the shell built for attention, by kind, sizes and padded size: layers with the same
     /// window share one.
     masks: HashMap<(super::AttentionMask, i64, i64, i64), T>,
@@ -250,6 +254,7 @@ impl Graph {
     }
 
     /// Lowers `order` (as its [`Structure`] describes it) and computes it.
+    #[cfg(test)]
     fn run(&mut self, runner: &mut Runner, order: &[Array], keep: &[Kept]) -> OpResult<()> {
         self.lower(order, keep)?;
         self.finish(runner, order, false)

@@ -21,7 +21,7 @@ impl Graph {
         // New rows cast from f32 (an f16 cache's) that only this append reads are copied from the cast's
         // source: ggml's copy converts as its cast does, the same bits, with a node fewer.
         let folded_cast = self.in_reader.contains(&Arc::as_ptr(&new.0)).then(|| reuse::cast_from_f32(new)).flatten();
-        let Some(buffer) = self.grow(old, node, room)? else {
+        let Some(buffer) = self.grow(old, node.elements() * node.0.dtype.size(), room) else {
             // (A padded append, or one whose cast was left to it, has no other lowering.)
             if n != ne(&node.0.shape)? || folded_cast.is_some() {
                 return Err("could not grow a cache in place".into());
@@ -42,34 +42,34 @@ impl Graph {
             let full = g::ggml_new_tensor(self.ctx, ggml_type(node.0.dtype), 4, n.as_ptr());
             let tail = g::ggml_view_1d(self.ctx, full, new.elements() as i64, 0);
             let copy = g::ggml_cpy(self.ctx, new_t, tail);
-            self.place(node, old, buffer, full, [tail, copy]);
+            self.place(self.current, old.elements() * node.0.dtype.size(), buffer, full, [tail, copy]);
             self.bindings.appends.push((self.current, full, [tail, copy]));
             self.expand(copy);
             Ok(Some(full))
         }
     }
 
-    /// Grows `old`'s buffer to `node`'s length, with at least `room` bytes of memory behind it (a padded
+    /// Grows `old`'s buffer to `len` bytes, with at least `room` bytes of memory behind it (a padded
     /// append's); None when it cannot grow in place.
-    pub(super) fn grow(&mut self, old: &Array, node: &Array, room: usize) -> OpResult<Option<Arc<Buffer>>> {
+    pub(super) fn grow(&mut self, old: &Array, len: usize, room: usize) -> Option<Arc<Buffer>> {
         let mut state = old.state();
-        let State::Ready(buffer) = &mut *state else { return Ok(None) };
-        let Some(data) = Arc::get_mut(buffer) else { return Ok(None) };
-        Ok(data.grow(node.elements() * node.0.dtype.size(), room).then(|| buffer.clone()))
+        let State::Ready(buffer) = &mut *state else { return None };
+        Arc::get_mut(buffer)?.grow(len, room).then(|| buffer.clone())
     }
 
-    /// Points an append's tensor at the grown buffer and its views after old's bytes.
-    pub(super) fn place(&mut self, node: &Array, old: &Array, buffer: Arc<Buffer>, full: T, views: [T; 2]) {
+    /// Points the tensor of the order's node `i`, an append, at the grown buffer and its views after the
+    /// old part's `old_bytes`.
+    pub(super) fn place(&mut self, i: usize, old_bytes: usize, buffer: Arc<Buffer>, full: T, views: [T; 2]) {
         // SAFETY: tensors of this graph; the views lie inside `full` (old's bytes plus new's elements are
         // the grown length), and the finishing pass sets their data from full's.
         unsafe {
             (*full).data = buffer.ptr();
             for view in views {
-                (*view).view_offs = old.elements() * node.0.dtype.size();
+                (*view).view_offs = old_bytes;
             }
         }
         self.held.push(buffer.clone());
-        self.appended.insert(Arc::as_ptr(&node.0), buffer);
+        self.appended.insert(i, buffer);
     }
 
     /// `gelu_tanh(gate) * up` as one node, for a GELU that only this product reads (see

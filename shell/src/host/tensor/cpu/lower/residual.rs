@@ -256,13 +256,13 @@ mod tests {
         fn stored_weight(kind: u32, w: &[f32], rows: usize, k: usize) -> (crate::host::tensor::cpu::Array, Vec<f32>) {
             use super::super::{row_size, to_f32};
             use crate::host::tensor::cpu::{Array, Buffer, Node, State};
-            use std::sync::{Arc, Mutex, OnceLock};
+            use std::sync::Arc;
             // SAFETY: row_size is a pure function of a known type; blocks holds `rows` rows of it.
             let mut blocks = vec![0u8; rows * unsafe { row_size(kind, k as i64) }];
             unsafe { g::ggml_quantize_chunk(kind, w.as_ptr(), blocks.as_mut_ptr().cast(), 0, rows as i64, k as i64, std::ptr::null()) };
             let stored = to_f32(kind, &blocks, rows * k);
-            let state = Mutex::new(State::Ready(Arc::new(Buffer::from_bytes(&blocks))));
-            let weight = Array(Arc::new(Node { shape: vec![rows as i32, k as i32], dtype: DType::F32, blocks: Some(kind), state, dequantized: OnceLock::new() }));
+            let state = State::Ready(Arc::new(Buffer::from_bytes(&blocks)));
+            let weight = Array(Arc::new(Node::new(vec![rows as i32, k as i32], DType::F32, Some(kind), state)));
             (weight, stored)
         }
     }

@@ -14,7 +14,7 @@ const GROWABLE_STATE: usize = 64 << 10;
 /// A result of the graph: the order's node, its tensor, and, when the result is written straight into a
 /// buffer of its own, the tensor whose memory that is and whether the buffer should be growable.
 pub(super) struct Output {
-    node: usize,
+    pub(super) node: usize,
     out: T,
     own: Option<(T, bool)>,
 }
@@ -70,6 +70,16 @@ impl Graph {
     /// Computes the lowered (or patched) graph and makes its outputs the nodes' data. `placed`: the
     /// graph's intermediates are where the allocator put them for its last computation.
     pub(super) fn finish(&mut self, runner: &mut Runner, order: &[Array], placed: bool) -> OpResult<()> {
+        let buffers = self.compute(runner, placed, |i| order[i].elements() * order[i].0.dtype.size())?;
+        for (output, buffer) in self.outputs.iter().zip(buffers) {
+            *order[output.node].state() = State::Ready(buffer);
+        }
+        Ok(())
+    }
+
+    /// Computes the graph and returns each output's data, in the order of [`Graph::outputs`]. `bytes`:
+    /// the size of the order's node `i`.
+    pub(super) fn compute(&mut self, runner: &mut Runner, placed: bool, bytes: impl Fn(usize) -> usize) -> OpResult<Vec<Arc<Buffer>>> {
         let mut own = Vec::with_capacity(self.outputs.len());
         for output in &self.outputs {
             own.push(output.own.map(|(memory, growable)| {
@@ -96,7 +106,7 @@ impl Graph {
                 }
             }
         }
-        let result = runner.compute(self.graph, placed).and_then(|()| self.results(order, own));
+        let result = runner.compute(self.graph, placed).and_then(|()| self.results(own, bytes));
         // Nothing of this evaluation stays with a graph that may be kept: the maps are keyed by nodes
         // whose addresses later nodes may reuse.
         self.held.clear();
@@ -104,23 +114,21 @@ impl Graph {
         result
     }
 
-    fn results(&mut self, order: &[Array], own: Vec<Option<Buffer>>) -> OpResult<()> {
+    fn results(&mut self, own: Vec<Option<Buffer>>, expected: impl Fn(usize) -> usize) -> OpResult<Vec<Arc<Buffer>>> {
+        let mut buffers = Vec::with_capacity(own.len());
         for (output, own) in self.outputs.iter().zip(own) {
-            let node = &order[output.node];
-            let appended = self.appended.remove(&Arc::as_ptr(&node.0));
+            let appended = self.appended.remove(&output.node);
             // SAFETY: after compute, out's data holds ggml_nbytes(out) bytes.
             let bytes = unsafe { std::slice::from_raw_parts((*output.out).data as *const u8, g::ggml_nbytes(output.out)) };
-            if appended.is_none() && bytes.len() != node.elements() * node.0.dtype.size() {
+            if appended.is_none() && bytes.len() != expected(output.node) {
                 return Err("the cpu backend produced a result of the wrong size".into());
             }
-            let buffer = match (appended, own) {
+            buffers.push(match (appended, own) {
                 (Some(appended), _) => appended,
                 (None, Some(own)) => Arc::new(own),
                 (None, None) => Arc::new(Buffer::from_bytes(bytes)),
-            };
-            *node.state() = State::Ready(buffer);
+            });
         }
-        Ok(())
+        Ok(buffers)
     }
-
 }

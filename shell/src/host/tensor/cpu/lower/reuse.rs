@@ -28,6 +28,8 @@ pub(in crate::host::tensor::cpu) struct Structure {
     /// The data arrays the graph reads, numbered in order of first use; None for the old part of an
     /// append, which only its append may hold (see [`appendable`]).
     pub(super) leaves: Vec<Option<Array>>,
+    /// Each leaf's node id, the old part of an append's included.
+    leaf_ids: Vec<u64>,
     pub(super) leaf_number: HashMap<*const Node, usize>,
     /// Per node of the order: the rows a cache append is lowered at, when padded.
     pub(super) padded: Vec<Option<i64>>,
@@ -43,7 +45,7 @@ impl Structure {
         let index = &references.index;
         let (appends, padded) = appends(order, references);
         let folded = folded(order, keep, references, &appends);
-        let mut s = Structure { key: Vec::with_capacity(order.len() * 16), leaves: Vec::new(), leaf_number: HashMap::default(), padded, folded };
+        let mut s = Structure { key: Vec::with_capacity(order.len() * 16), leaves: Vec::new(), leaf_ids: Vec::new(), leaf_number: HashMap::default(), padded, folded };
         // Attention nodes that share a mask (same kind, offsets and sizes) share one ggml tensor.
         let mut masks: Vec<((AttentionMask, i64, i64), usize)> = Vec::new();
         for (i, node) in order.iter().enumerate() {
@@ -69,6 +71,7 @@ impl Structure {
                 s.key.push(n as u64);
                 if n == next {
                     s.leaves.push((position != 0 || !appends[i]).then(|| input.clone()));
+                    s.leaf_ids.push(input.id());
                     s.key.extend([input.0.dtype as u64, input.0.blocks.map_or(u64::MAX, u64::from)]);
                     // The old part of a padded append is grown in place, to the same padded rows.
                     s.shape(&input.0.shape, if position == 0 { s.padded[i] } else { None });
@@ -228,7 +231,33 @@ fn appends(order: &[Array], references: &References) -> (Vec<bool>, Vec<Option<i
 /// The graph kept from the last evaluation, for the next one of the same structure.
 pub(in crate::host::tensor::cpu) struct KeptGraph {
     key: Vec<u64>,
-    graph: Graph,
+    pub(super) graph: Graph,
+    /// Which kept graph this is: numbered in the order they were kept.
+    pub(super) serial: u64,
+    /// What it computed last (see `step.rs`).
+    pub(super) computed: Computed,
+}
+
+/// The nodes a kept graph last computed, by id: those of its order, the leaves it read (by number) and
+/// the old part of each in-place append (by binding).
+pub(super) struct Computed {
+    pub(super) nodes: Vec<u64>,
+    pub(super) leaves: Vec<u64>,
+    pub(super) appended_to: Vec<u64>,
+}
+
+impl Computed {
+    pub(super) fn of(order: &[Array], structure: &Structure, bindings: &Bindings) -> Computed {
+        let old = |i: usize| match &*order[i].state() {
+            State::Pending(_, inputs) => inputs[0].id(),
+            State::Ready(_) => u64::MAX,
+        };
+        Computed {
+            nodes: order.iter().map(Array::id).collect(),
+            leaves: structure.leaf_ids.clone(),
+            appended_to: bindings.appends.iter().map(|&(i, ..)| old(i)).collect(),
+        }
+    }
 }
 
 impl KeptGraph {
@@ -252,18 +281,23 @@ pub(super) fn replay(runner: &mut Runner, order: &[Array], structure: &Structure
         return None;
     }
     let mut kept = runner.kept.take()?;
+    // (Read before the computation: it makes the order's appends data.)
+    let computed = Computed::of(order, structure, &kept.graph.bindings);
     let result = kept.graph.patch(order, structure).and_then(|()| kept.graph.finish(runner, order, true));
     if result.is_ok() {
         REUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        kept.computed = computed;
         runner.kept = Some(kept);
     }
     Some(result)
 }
 
-/// Keeps `graph`, just computed for `structure`, for the next evaluation (unless it lives in a context
-/// of its own, or its lowering met something the structure does not describe).
-pub(super) fn keep(runner: &mut Runner, graph: Graph, structure: Structure) {
-    runner.kept = (!graph.owned && graph.bindings.complete).then_some(KeptGraph { key: structure.key, graph });
+/// Keeps `graph`, just computed for `structure` (from `computed`), for the next evaluation (unless it
+/// lives in a context of its own, or its lowering met something the structure does not describe).
+pub(super) fn keep(runner: &mut Runner, graph: Graph, structure: Structure, computed: Computed) {
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let serial = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    runner.kept = (!graph.owned && graph.bindings.complete).then_some(KeptGraph { key: structure.key, graph, serial, computed });
 }
 
 /// What a kept graph rewrites for each evaluation: recorded while lowering.
@@ -315,8 +349,9 @@ impl Graph {
             let State::Pending(_, inputs) = &*state else { return Err("a kept graph lost an append".into()) };
             // SAFETY: a size query on a tensor of the kept graph.
             let room = unsafe { g::ggml_nbytes(full) };
-            let buffer = self.grow(&inputs[0], &order[i], room)?.ok_or("could not grow a cache in place")?;
-            self.place(&order[i], &inputs[0], buffer, full, views);
+            let bytes = order[i].elements() * order[i].0.dtype.size();
+            let buffer = self.grow(&inputs[0], bytes, room).ok_or("could not grow a cache in place")?;
+            self.place(i, inputs[0].elements() * order[i].0.dtype.size(), buffer, full, views);
         }
         self.bindings.appends = appends;
         Ok(())
