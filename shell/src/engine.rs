@@ -120,24 +120,41 @@ impl Model {
     /// the last one ([vocab]). A long prompt is computed [`PREFILL_CHUNK`] tokens at a time, which gives
     /// the same logits with activation memory bounded by the chunk, not by the prompt.
     pub fn forward(&mut self, tokens: &[u32], cache: &Cache, all_positions: bool) -> Result<Vec<f32>> {
-        // Checked whole before any chunk reaches the cache.
-        if let Some(&bad) = tokens.iter().find(|&&t| t >= self.vocab) {
-            bail!("token id {bad} is outside the vocabulary (size {})", self.vocab);
-        }
-        if tokens.len() <= PREFILL_CHUNK {
-            return self.forward_once(tokens, cache, all_positions, true);
-        }
         let mut logits = Vec::new();
-        for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-            let last = (i + 1) * PREFILL_CHUNK >= tokens.len();
+        let chunks = self.chunks(tokens)?;
+        let count = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
             // An earlier chunk's last-position logits are not wanted (the contract always returns some).
-            logits.extend(self.forward_once(chunk, cache, all_positions, all_positions || last)?);
+            let mut read = |l: &[f32]| logits.extend_from_slice(l);
+            let wanted = all_positions || i + 1 == count;
+            self.forward_once(chunk, cache, all_positions, wanted.then_some(&mut read as &mut dyn FnMut(&[f32])))?;
         }
         Ok(logits)
     }
 
-    /// One graph: `tokens` after the cache. Returns the logits, or nothing when they are not `wanted`.
-    fn forward_once(&mut self, tokens: &[u32], cache: &Cache, all_positions: bool, wanted: bool) -> Result<Vec<f32>> {
+    /// The last position's logits after `tokens`, lent to `f` where they lie (a decode loop samples them
+    /// without copying 1 MB first).
+    pub fn forward_with<R>(&mut self, tokens: &[u32], cache: &Cache, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+        let chunks = self.chunks(tokens)?;
+        let count = chunks.len();
+        let (mut f, mut result) = (Some(f), None);
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut read = |l: &[f32]| result = f.take().map(|f| f(l));
+            self.forward_once(chunk, cache, false, (i + 1 == count).then_some(&mut read as &mut dyn FnMut(&[f32])))?;
+        }
+        result.ok_or_else(|| anyhow::anyhow!("no logits were computed"))
+    }
+
+    /// The graphs `tokens` are computed in, checked whole before any reaches the cache.
+    fn chunks<'t>(&self, tokens: &'t [u32]) -> Result<Vec<&'t [u32]>> {
+        if let Some(&bad) = tokens.iter().find(|&&t| t >= self.vocab) {
+            bail!("token id {bad} is outside the vocabulary (size {})", self.vocab);
+        }
+        Ok(if tokens.len() <= PREFILL_CHUNK { vec![tokens] } else { tokens.chunks(PREFILL_CHUNK).collect() })
+    }
+
+    /// One graph: `tokens` after the cache. Lends the logits to `read`, or drops them unread.
+    fn forward_once(&mut self, tokens: &[u32], cache: &Cache, all_positions: bool, read: Option<&mut dyn FnMut(&[f32])>) -> Result<()> {
         self.check_live(cache.instance)?;
         self.release_dropped_caches()?;
         let (model, cache) = (self.model, cache.resource);
@@ -162,12 +179,15 @@ impl Model {
         });
         crate::adapter::bindings::edgechat::adapter::tensor::HostArray::drop(state, logits)?;
         let backend = &state.tensors.backend;
-        let values = checked.and_then(|a| {
-            let values = if wanted { backend.read_f32(&a) } else { backend.discard(a).map(|()| Vec::new()) };
-            values.map_err(anyhow::Error::msg).context("evaluating the model's graph")
+        let read = checked.and_then(|a| {
+            let read = match read {
+                Some(read) => backend.with_f32(&a, read),
+                None => backend.discard(a),
+            };
+            read.map_err(anyhow::Error::msg).context("evaluating the model's graph")
         });
         tracing::debug!(tokens = tokens.len(), "forward: graph built in {built:?}, evaluated in {:?}", started.elapsed().saturating_sub(built));
-        values
+        read
     }
 
     pub fn cache_length(&mut self, cache: &Cache) -> Result<u32> {

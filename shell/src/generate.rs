@@ -173,7 +173,8 @@ pub fn generate(model: &mut Model, cache: &Cache, cached: usize, request: Reques
     let mut text = String::new();
 
     let started = Instant::now();
-    let mut logits = model.forward(&request.prompt[cached..], cache, false)?;
+    // Each token is sampled from the logits where the backend left them.
+    let mut next = model.forward_with(&request.prompt[cached..], cache, |logits| sampler.sample(logits, &history))?;
     let prefill = started.elapsed();
     let decode_started = Instant::now();
     let mut stop = StopReason::MaxTokens;
@@ -182,7 +183,7 @@ pub fn generate(model: &mut Model, cache: &Cache, cached: usize, request: Reques
             stop = StopReason::Cancelled;
             break;
         }
-        let token = sampler.sample(&mut logits, &history);
+        let token = next;
         if request.stops.token_ids.contains(&token) {
             stop = StopReason::StopToken;
             break;
@@ -197,7 +198,7 @@ pub fn generate(model: &mut Model, cache: &Cache, cached: usize, request: Reques
             break;
         }
         if generated.len() < request.max_tokens {
-            logits = model.forward(&[token], cache, false)?;
+            next = model.forward_with(&[token], cache, |logits| sampler.sample(logits, &history))?;
         }
     }
     if stop != StopReason::StopString {

@@ -33,6 +33,8 @@ impl Default for SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// The logits with the repetition penalty applied, when there is one.
+    penalized: Vec<f32>,
 }
 
 /// Tokens still in the running, with their logit (after temperature) or probability.
@@ -120,13 +122,21 @@ impl Sampler {
             Some(seed) => StdRng::seed_from_u64(seed),
             None => StdRng::from_os_rng(),
         };
-        Sampler { params, rng }
+        Sampler { params, rng, penalized: Vec::new() }
     }
 
-    /// Picks the next token from `logits` (modified in place), given the tokens so far.
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    /// Picks the next token from `logits`, given the tokens so far.
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
-        repetition_penalty(logits, history, p.repetition_penalty);
+        // Penalized in a copy: the logits are the backend's (lent where they lie).
+        let logits = if p.repetition_penalty == 1.0 {
+            logits
+        } else {
+            self.penalized.clear();
+            self.penalized.extend_from_slice(logits);
+            repetition_penalty(&mut self.penalized, history, p.repetition_penalty);
+            &self.penalized
+        };
         if p.temperature <= 0.0 {
             return argmax(logits);
         }

@@ -45,13 +45,13 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     for run in 0..=args.runs {
         let cache = model.new_cache()?;
         let t = Instant::now();
-        let mut next = argmax(&model.forward(&prompt, &cache, false)?);
+        let mut next = model.forward_with(&prompt, &cache, argmax)?;
         let prefill_time = t.elapsed();
         let t = Instant::now();
         let built_before = model.graph_build_time();
         let (reused_before, unrecorded_before) = (reused_graphs(), unrecorded_steps());
         for _ in 1..args.gen_tokens {
-            next = argmax(&model.forward(&[next], &cache, false)?);
+            next = model.forward_with(&[next], &cache, argmax)?;
         }
         let decode_time = t.elapsed();
         let built = model.graph_build_time() - built_before;

@@ -344,6 +344,10 @@ impl Backend for ActiveBackend {
         dispatch!(self, |be| be.read_f32(cpu_array(a)?), be.read_f32(mlx_array(a)?))
     }
 
+    fn with_f32<R>(&self, a: &AnyArray, f: impl FnOnce(&[f32]) -> R) -> OpResult<R> {
+        dispatch!(self, |be| be.with_f32(cpu_array(a)?, f), be.with_f32(mlx_array(a)?, f))
+    }
+
     fn int_range(&self, a: &AnyArray) -> OpResult<Option<(i64, i64)>> {
         dispatch!(self, |be| be.int_range(cpu_array(a)?), be.int_range(mlx_array(a)?))
     }

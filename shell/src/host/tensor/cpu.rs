@@ -557,6 +557,18 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn with_f32<R>(&self, a: &Array, f: impl FnOnce(&[f32]) -> R) -> OpResult<R> {
+        if a.0.dtype == DType::F32 && cfg!(target_endian = "little") {
+            let data = self.computed(a)?;
+            // SAFETY: every bit pattern is an f32; the slice borrows bytes the buffer holds while `f` runs.
+            let (head, values, tail) = unsafe { data.bytes().align_to::<f32>() };
+            if head.is_empty() && tail.is_empty() {
+                return Ok(f(values));
+            }
+        }
+        Ok(f(&self.read_f32(a)?))
+    }
+
     fn int_range(&self, a: &Array) -> OpResult<Option<(i64, i64)>> {
         let values = to_f64(self.computed(a)?.bytes(), a.0.dtype);
         let low = values.iter().copied().reduce(f64::min);

@@ -131,6 +131,11 @@ pub trait Backend {
     /// backend can tell what that is; otherwise all of it.
     fn discard(&self, a: Self::Array) -> OpResult<()>;
     fn read_f32(&self, a: &Self::Array) -> OpResult<Vec<f32>>;
+    /// `a`'s values lent to `f`, where they lie when the backend can (a decode step's 1 MB of logits,
+    /// read once by the sampler instead of copied first).
+    fn with_f32<R>(&self, a: &Self::Array, f: impl FnOnce(&[f32]) -> R) -> OpResult<R> {
+        Ok(f(&self.read_f32(a)?))
+    }
     /// The smallest and largest value of an integer array (evaluating it); None when it is empty.
     fn int_range(&self, a: &Self::Array) -> OpResult<Option<(i64, i64)>>;
 }

@@ -46,9 +46,24 @@ impl LastRun {
     }
 }
 
+/// This run's shapes: the last run's, but for those that changed.
+struct Shapes<'a> {
+    last: &'a [Vec<i32>],
+    changed: Vec<Option<Vec<i32>>>,
+}
+
+impl Shapes<'_> {
+    fn get(&self, value: usize) -> Option<&[i32]> {
+        match self.changed.get(value)? {
+            Some(shape) => Some(shape),
+            None => self.last.get(value).map(Vec::as_slice),
+        }
+    }
+}
+
 /// This run's values, as checked.
 struct Run<'a> {
-    shapes: Vec<Vec<i32>>,
+    shapes: Shapes<'a>,
     dtypes: &'a [DType],
     inputs: Vec<&'a cpu::Array>,
     /// The values that are inputs.
@@ -70,7 +85,7 @@ impl StepValues for Run<'_> {
     }
 
     fn shape(&self, value: usize) -> &[i32] {
-        &self.shapes[value]
+        self.shapes.get(value).unwrap_or(&[])
     }
 
     fn dtype(&self, value: usize) -> DType {
@@ -95,7 +110,7 @@ impl StepValues for Run<'_> {
             }
             BatchMask::Explicit(_) => return None,
         };
-        Some((mask, *self.shapes[a.q as usize].get(2)? as i64, *self.shapes[a.k as usize].get(2)? as i64))
+        Some((mask, *self.shapes.get(a.q as usize)?.get(2)? as i64, *self.shapes.get(a.k as usize)?.get(2)? as i64))
     }
 }
 
@@ -116,7 +131,7 @@ pub fn run(state: &mut HostState, ops: &[Op], keep: &[u32], last: &mut LastRun, 
         arrays.push(array);
         ranges.push(entry.known_range);
     }
-    let Some((shapes, bytes)) = checked_shapes(ops, last, &arrays, &ranges, shift) else { return Ok(None) };
+    let Some((changed, bytes)) = checked_shapes(ops, last, &arrays, &ranges, shift) else { return Ok(None) };
     // The caps, against all a recorded run would hold at once: every result, and the largest scores.
     let t = &state.tensors;
     if t.live_bytes.saturating_add(bytes) > t.max_bytes || t.live_handles.saturating_add(ops.len()) >= t.max_handles {
@@ -124,7 +139,7 @@ pub fn run(state: &mut HostState, ops: &[Op], keep: &[u32], last: &mut LastRun, 
     }
     state.check_deadline()?;
     let input_values = ops.iter().enumerate().filter(|(_, op)| matches!(op, Op::Input(_))).map(|(v, _)| v).collect();
-    let run = Run { shapes, dtypes: &last.dtypes, inputs: arrays, input_values, ops, shift };
+    let run = Run { shapes: Shapes { last: &last.shapes, changed }, dtypes: &last.dtypes, inputs: arrays, input_values, ops, shift };
     if last.plan.is_none() {
         // An op may return its operand's own array: a node is named by the first value that holds it,
         // an input's by the input.
@@ -141,7 +156,7 @@ pub fn run(state: &mut HostState, ops: &[Op], keep: &[u32], last: &mut LastRun, 
     let Some(plan) = &last.plan else { return Ok(None) };
     let started = std::time::Instant::now();
     let computed = step::run(plan, &run);
-    let Run { shapes, .. } = run;
+    let changed = run.shapes.changed;
     state.tensors.computed_in_calls += started.elapsed();
     let outputs = match computed {
         None => {
@@ -151,17 +166,21 @@ pub fn run(state: &mut HostState, ops: &[Op], keep: &[u32], last: &mut LastRun, 
         Some(Err(e)) => wasmtime::bail!("computing a template run: {e}"),
         Some(Ok(outputs)) => outputs,
     };
+    for (v, shape) in changed.into_iter().enumerate() {
+        if let Some(shape) = shape {
+            last.shapes[v] = shape;
+        }
+    }
     let mut handles = Vec::with_capacity(keep.len());
     for &v in keep {
         let Some((_, array)) = outputs.iter().find(|(value, _)| *value == v as usize) else { wasmtime::bail!("a template run lost a result") };
-        let (dtype, bytes) = (last.dtypes[v as usize], checks::bytes(&shapes[v as usize], last.dtypes[v as usize]).unwrap_or(0));
+        let (dtype, bytes) = (last.dtypes[v as usize], checks::bytes(&last.shapes[v as usize], last.dtypes[v as usize]).unwrap_or(0));
         let t = &mut state.tensors;
         t.live_handles += 1;
         t.live_bytes += bytes;
         t.peak_bytes = t.peak_bytes.max(t.live_bytes);
         handles.push(state.table.push(TensorHandle { array: AnyArray::Cpu(array.clone()), dtype, bytes, known_range: None, blocks: None })?);
     }
-    last.shapes = shapes;
     state.tensors.unrecorded_runs += 1;
     Ok(Some(handles))
 }
@@ -181,40 +200,38 @@ fn fits(plan: &StepPlan, ops: &[Op], keep: &[u32]) -> bool {
         && outputs == kept
 }
 
-/// This run's shape of every value and the bytes a recorded run would hold at its peak, checked as
-/// recording would check them; None when a check fails or is one this path does not make.
-fn checked_shapes(ops: &[Op], last: &LastRun, arrays: &[&cpu::Array], ranges: &[Option<(i64, i64)>], shift: u32) -> Option<(Vec<Vec<i32>>, u64)> {
-    let mut shapes: Vec<Vec<i32>> = Vec::with_capacity(ops.len());
-    let mut changed = vec![false; ops.len()];
+/// Which values' shapes this run changes (and to what), and the bytes a recorded run would hold at its
+/// peak, checked as recording would check them; None when a check fails or is one this path does not make.
+fn checked_shapes(ops: &[Op], last: &LastRun, arrays: &[&cpu::Array], ranges: &[Option<(i64, i64)>], shift: u32) -> Option<(Vec<Option<Vec<i32>>>, u64)> {
+    let mut changed: Vec<Option<Vec<i32>>> = vec![None; ops.len()];
     let (mut held, mut scores) = (0u64, 0u64);
     for (v, op) in ops.iter().enumerate() {
         let (mut moved, mut later_value) = (false, false);
         each_operand(op, |o| match changed.get(o as usize) {
-            Some(&c) if (o as usize) < v => moved |= c,
+            Some(c) if (o as usize) < v => moved |= c.is_some(),
             _ => later_value = true,
         });
         if later_value {
             return None;
         }
-        let shape = match op {
+        let shape = |x: u32| changed[x as usize].as_deref().or_else(|| last.shapes.get(x as usize).map(Vec::as_slice));
+        let new = match op {
             Op::Input(n) => {
-                let shape = arrays.get(*n as usize)?.shape().to_vec();
-                changed[v] = shape != last.shapes[v];
-                shapes.push(shape);
+                let now = arrays.get(*n as usize)?.shape();
+                changed[v] = (now != last.shapes[v]).then(|| now.to_vec());
                 continue;
             }
             Op::Concatenate((parts, axis)) if moved => {
-                let parts: Vec<&[i32]> = parts.iter().map(|&p| shapes.get(p as usize).map(Vec::as_slice)).collect::<Option<_>>()?;
-                checks::concatenate(&parts, *axis).ok()?
+                let parts: Vec<&[i32]> = parts.iter().map(|&p| shape(p)).collect::<Option<_>>()?;
+                Some(checks::concatenate(&parts, *axis).ok()?)
             }
             Op::Attention(a) if moved => {
-                let shape = |x: u32| shapes.get(x as usize).map(Vec::as_slice);
                 let (out, s) = checks::attention(shape(a.q)?, shape(a.k)?, shape(a.v)?, None).ok()?;
                 if matches!(a.mask, BatchMask::Explicit(_)) || shape(a.k)?.get(2) == Some(&0) || out != last.shapes[v] {
                     return None;
                 }
                 scores = scores.max(s.saturating_mul(2));
-                out
+                None
             }
             // Only appends and attention are checked again here; anything else reading a changed shape is recorded.
             _ if moved => return None,
@@ -222,30 +239,30 @@ fn checked_shapes(ops: &[Op], last: &LastRun, arrays: &[&cpu::Array], ranges: &[
                 // Gathered ids are checked against the table every run, as `take` checks them.
                 let Some(Op::Input(n)) = ops.get(*indices as usize) else { return None };
                 let (low, high) = (*ranges.get(*n as usize)?)?;
-                let table = shapes.get(*a as usize)?;
-                let (_, at) = checks::take(table, shapes.get(*indices as usize)?, last.dtypes[*indices as usize], *axis).ok()?;
+                let table = shape(*a)?;
+                let (_, at) = checks::take(table, shape(*indices)?, last.dtypes[*indices as usize], *axis).ok()?;
                 if low < 0 || high >= table[at] as i64 {
                     return None;
                 }
-                last.shapes[v].clone()
+                None
             }
             Op::Rope((_, p)) => {
                 i32::try_from(later(p.offset, shift).ok()?).ok()?;
-                last.shapes[v].clone()
+                None
             }
             Op::Attention(a) => {
                 if let BatchMask::SlidingWindow(w) = a.mask {
                     i32::try_from(later(w.query_offset, shift).ok()?).ok()?;
                 }
-                last.shapes[v].clone()
+                None
             }
-            _ => last.shapes[v].clone(),
+            _ => None,
         };
-        changed[v] = shape != last.shapes[v];
-        held = held.saturating_add(checks::bytes(&shape, last.dtypes[v]).ok()?);
-        shapes.push(shape);
+        let bytes = checks::bytes(new.as_deref().unwrap_or(&last.shapes[v]), last.dtypes[v]).ok()?;
+        held = held.saturating_add(bytes);
+        changed[v] = new.filter(|new| *new != last.shapes[v]);
     }
-    Some((shapes, held.saturating_add(scores)))
+    Some((changed, held.saturating_add(scores)))
 }
 
 /// Calls `f` with each value `op` reads.

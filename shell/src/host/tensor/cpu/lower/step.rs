@@ -27,26 +27,30 @@ pub struct StepPlan {
 }
 
 /// Where a leaf's data is among a run's inputs.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Leaf {
     /// The input itself.
     Input(usize),
-    /// Data of this id under a pending input (a weight under the transposed view an adapter lends).
-    Under(usize, u64),
+    /// Data under a pending input, one the adapter lends every run (a weight under its transposed view),
+    /// held here: the input with this id, still pending, still reads it.
+    Under { value: usize, input: u64, data: Array },
 }
 
 impl Leaf {
-    fn value(self) -> usize {
+    fn value(&self) -> usize {
         match self {
-            Leaf::Input(v) | Leaf::Under(v, _) => v,
+            Leaf::Input(v) | Leaf::Under { value: v, .. } => *v,
         }
     }
 
     /// The data this run binds.
-    fn data(self, values: &impl StepValues) -> Option<Array> {
+    fn data(&self, values: &impl StepValues) -> Option<Array> {
         match self {
-            Leaf::Input(v) => values.input(v).cloned(),
-            Leaf::Under(v, id) => ready_under(values.input(v)?).into_iter().find(|a| a.id() == id),
+            Leaf::Input(v) => values.input(*v).cloned(),
+            Leaf::Under { value, input, data } => {
+                let lent = values.input(*value)?;
+                (lent.id() == *input && lent.buffer().is_none()).then(|| data.clone())
+            }
         }
     }
 }
@@ -69,7 +73,7 @@ fn ready_under(a: &Array) -> Vec<Array> {
 impl StepPlan {
     /// The values bound in place of data (the caller checks each is one of its inputs).
     pub fn inputs(&self) -> impl Iterator<Item = usize> + '_ {
-        self.leaves.iter().flatten().map(|leaf| leaf.value()).chain(self.appends.iter().map(|&(_, old)| old))
+        self.leaves.iter().flatten().map(Leaf::value).chain(self.appends.iter().map(|&(_, old)| old))
     }
 
     pub fn ropes(&self) -> &[usize] {
@@ -108,10 +112,11 @@ pub trait StepValues {
 /// to value), and whose inputs this run are `run`'s; None when the kept graph did not compute that run,
 /// or read anything else.
 pub fn plan(values: &HashMap<u64, usize>, run: &impl StepValues) -> Option<StepPlan> {
-    let mut under: HashMap<u64, usize> = HashMap::default();
-    for &v in run.inputs() {
-        for a in run.input(v).into_iter().filter(|a| a.buffer().is_none()).flat_map(ready_under) {
-            under.insert(a.id(), v);
+    let mut under: HashMap<u64, Leaf> = HashMap::default();
+    for &value in run.inputs() {
+        let Some(lent) = run.input(value).filter(|a| a.buffer().is_none()) else { continue };
+        for data in ready_under(lent) {
+            under.insert(data.id(), Leaf::Under { value, input: lent.id(), data });
         }
     }
     let runner = runner().ok()?.lock().unwrap_or_else(|e| e.into_inner());
@@ -126,7 +131,7 @@ pub fn plan(values: &HashMap<u64, usize>, run: &impl StepValues) -> Option<StepP
         let id = computed.leaves.get(n)?;
         leaves[n] = Some(match values.get(id) {
             Some(&v) => Leaf::Input(v),
-            None => Leaf::Under(*under.get(id)?, *id),
+            None => under.get(id)?.clone(),
         });
     }
     let appends = bindings.appends.iter().zip(&computed.appended_to).map(|(&(i, ..), old)| Some((node(i)?, *values.get(old)?)));
@@ -214,7 +219,7 @@ impl<'a> Bound<'a> {
         let b = &graph.bindings;
         let mut leaves = Vec::with_capacity(b.leaves.len());
         for &(n, t) in &b.leaves {
-            let array = plan.leaves.get(n).copied().flatten()?.data(values)?;
+            let array = plan.leaves.get(n)?.as_ref()?.data(values)?;
             let buffer = array.buffer()?;
             // SAFETY: reads of a tensor header of the kept graph.
             let (ty, bytes) = unsafe { ((*t).type_, g::ggml_nbytes(t)) };
