@@ -28,6 +28,8 @@ pub struct LastRun {
     /// The node ids of the recorded run's values, from which a plan is made.
     ids: Vec<u64>,
     plan: Option<StepPlan>,
+    /// What it is charged against the templates' cap (see [`LastRun::bytes`]).
+    charged: usize,
 }
 
 /// One value of a recorded run: its shape, type and cpu node.
@@ -41,8 +43,16 @@ impl LastRun {
     /// From a recorded run: its values, and its inputs' types.
     pub fn recorded(values: Vec<Seen>, inputs: Vec<(DType, Option<u32>)>) -> LastRun {
         let dtypes = values.iter().map(|v| v.dtype).collect();
-        let ids = values.iter().map(|v| v.id).collect();
-        LastRun { shapes: values.into_iter().map(|v| v.shape).collect(), dtypes, inputs, ids, plan: None }
+        let ids: Vec<u64> = values.iter().map(|v| v.id).collect();
+        let shapes: usize = values.iter().map(|v| std::mem::size_of::<Vec<i32>>() + 4 * v.shape.len()).sum();
+        // (A plan, made later, holds about as much again per value as the ids.)
+        let charged = shapes + values.len() + 16 * ids.len() + 8 * inputs.len();
+        LastRun { shapes: values.into_iter().map(|v| v.shape).collect(), dtypes, inputs, ids, plan: None, charged }
+    }
+
+    /// The memory it holds, charged with its template's, as it was when recorded.
+    pub fn bytes(&self) -> usize {
+        self.charged
     }
 }
 
@@ -116,7 +126,7 @@ impl StepValues for Run<'_> {
 
 /// Computes a run of `ops` over `inputs` without recording it, when the last run allows; None when it
 /// must be recorded.
-pub fn run(state: &mut HostState, ops: &[Op], keep: &[u32], last: &mut LastRun, inputs: &[Handle], shift: u32) -> wasmtime::Result<Option<Vec<Handle>>> {
+pub fn run(state: &mut HostState, ops: &[Op], keep: &[u32], last: &mut LastRun, inputs: &[Handle], shift: u32) -> wasmtime::Result<Option<Result<Vec<Handle>, String>>> {
     if last.inputs.len() != inputs.len() || ops.len() != last.shapes.len() {
         return Ok(None);
     }
@@ -163,7 +173,8 @@ pub fn run(state: &mut HostState, ops: &[Op], keep: &[u32], last: &mut LastRun, 
             last.plan = None;
             return Ok(None);
         }
-        Some(Err(e)) => wasmtime::bail!("computing a template run: {e}"),
+        // As the evaluation of a recorded run would fail (the graph is not kept past it).
+        Some(Err(e)) => return Ok(Some(Err(e))),
         Some(Ok(outputs)) => outputs,
     };
     for (v, shape) in changed.into_iter().enumerate() {
@@ -182,7 +193,7 @@ pub fn run(state: &mut HostState, ops: &[Op], keep: &[u32], last: &mut LastRun, 
         handles.push(state.table.push(TensorHandle { array: AnyArray::Cpu(array.clone()), dtype, bytes, known_range: None, blocks: None })?);
     }
     state.tensors.unrecorded_runs += 1;
-    Ok(Some(handles))
+    Ok(Some(Ok(handles)))
 }
 
 /// Whether the plan binds what a decode step is made of: inputs in place of data, the template's ropes,
@@ -409,6 +420,16 @@ mod tests {
         assert!(kept.state.tensors.unrecorded_runs > 20, "{} of 40 steps were computed without recording", kept.state.tensors.unrecorded_runs);
         assert_eq!(kept.state.tensors.live_handles, fresh.state.tensors.live_handles);
         assert_eq!(kept.state.tensors.live_bytes, fresh.state.tensors.live_bytes);
+        // What a template keeps of its last run is charged with it, and given back with it.
+        let ops_only = {
+            let (mut state, (ops, keep)) = (host(), decode_step());
+            HostTemplate::create(&mut state, ops, keep).unwrap().unwrap();
+            state.tensors.template_bytes
+        };
+        let charged = kept.state.tensors.template_bytes;
+        let template = kept.template.take().unwrap();
+        HostTemplate::drop(&mut kept.state, template).unwrap();
+        assert!(charged > ops_only && kept.state.tensors.template_bytes == 0, "{charged} bytes charged, {ops_only} for the ops");
     }
 
     /// A pair decoding the same tokens, one through its kept template (past its first unrecorded step),

@@ -79,7 +79,7 @@ fn run(state: &mut HostState, template: &Resource<Template>, fixed: Vec<Handle>,
         None => Ok(None),
     };
     let result = match replayed {
-        Ok(Some(kept)) => Ok(Ok(kept)),
+        Ok(Some(kept)) => Ok(kept),
         Ok(None) => record(state, all, &ops, &keep, shift, &mut last),
         Err(trap) => Err(trap),
     };
@@ -93,9 +93,11 @@ fn run(state: &mut HostState, template: &Resource<Template>, fixed: Vec<Handle>,
 }
 
 /// Records a run op by op; on the cpu backend, remembers it so that the next may be computed without
-/// recording.
+/// recording (its memory charged with the templates', and not kept past their cap).
 fn record(state: &mut HostState, all: Vec<Handle>, ops: &[Op], keep: &[u32], shift: u32, last: &mut Option<LastRun>) -> Outcome<Vec<Handle>> {
-    *last = None;
+    if let Some(old) = last.take() {
+        state.tensors.template_bytes -= old.bytes();
+    }
     if state.tensors.backend.kind() != BackendKind::Cpu {
         return batch::record(state, all, ops, keep, shift, None);
     }
@@ -103,14 +105,19 @@ fn record(state: &mut HostState, all: Vec<Handle>, ops: &[Op], keep: &[u32], shi
     let mut seen = Vec::with_capacity(ops.len());
     let result = batch::record(state, all, ops, keep, shift, Some(&mut seen));
     if matches!(result, Ok(Ok(_))) {
-        *last = Some(LastRun::recorded(seen, types));
+        let recorded = LastRun::recorded(seen, types);
+        let t = &mut state.tensors;
+        if t.template_bytes.saturating_add(recorded.bytes()) <= MAX_TEMPLATE_BYTES {
+            t.template_bytes += recorded.bytes();
+            *last = Some(recorded);
+        }
     }
     result
 }
 
 fn drop(state: &mut HostState, template: Resource<Template>) -> wasmtime::Result<()> {
     let template = state.table.delete(template)?;
-    state.tensors.template_bytes -= template.bytes;
+    state.tensors.template_bytes -= template.bytes + template.last.as_ref().map_or(0, LastRun::bytes);
     state.tensors.live_handles -= 1;
     Ok(())
 }
