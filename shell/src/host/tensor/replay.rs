@@ -432,16 +432,31 @@ mod tests {
         assert!(charged > ops_only && kept.state.tensors.template_bytes == 0, "{charged} bytes charged, {ops_only} for the ops");
     }
 
+    /// Keys and values that are one array (two handles to it) are joined by copying, as recorded runs
+    /// join them: growing one buffer in place for both appends would give one the other's rows.
+    #[test]
+    fn caches_held_twice_are_computed_as_recorded() {
+        let (mut kept, mut fresh) = warmed();
+        for d in [&mut kept, &mut fresh] {
+            let both = wit::Host::astype(&mut d.state, borrow(&d.caches[0]), wit::Dtype::Float32).unwrap().unwrap();
+            let values = std::mem::replace(&mut d.caches[1], both);
+            HostArray::drop(&mut d.state, values).unwrap();
+        }
+        let unrecorded = kept.state.tensors.unrecorded_runs;
+        assert_eq!(kept.step(3, 30, false).unwrap(), fresh.step(3, 30, true).unwrap());
+        assert_eq!(kept.state.tensors.unrecorded_runs, unrecorded, "recorded");
+    }
+
     /// A pair decoding the same tokens, one through its kept template (past its first unrecorded step),
     /// one recording every step.
     fn warmed() -> (Decoding, Decoding) {
         let (mut kept, mut fresh) = (Decoding::new(), Decoding::new());
         for step in 0..20 {
-            fresh.step(1, step, true).unwrap();
-        }
-        for step in 0..20 {
             kept.step(1, step, false).unwrap();
             if kept.state.tensors.unrecorded_runs > 0 {
+                for step in 0..=step {
+                    fresh.step(1, step, true).unwrap();
+                }
                 return (kept, fresh);
             }
         }

@@ -258,8 +258,10 @@ impl<'a> Bound<'a> {
                 State::Ready(buffer) => Arc::strong_count(buffer) == 1,
                 State::Pending(..) => false,
             };
-            // The new rows are copied to right after the old ones, inside the room.
-            if !sole || Arc::strong_count(&old.0) != 1 || old.0.dtype != values.dtype(append) || old_bytes + tail != bytes || bytes > room {
+            // Each grows a buffer of its own (one the leaves above do not hold either), the new rows right
+            // after the old ones, inside the room.
+            let twice = appends.iter().any(|(other, _): &(&Array, usize)| Arc::ptr_eq(&other.0, &old.0));
+            if !sole || twice || Arc::strong_count(&old.0) != 1 || old.0.dtype != values.dtype(append) || old_bytes + tail != bytes || bytes > room {
                 return None;
             }
             appends.push((old, bytes));
