@@ -581,6 +581,20 @@ impl Backend for CpuBackend {
 mod tests {
     use super::*;
 
+    /// ggml counts a view whose innermost axis has one element as contiguous whatever that axis's stride,
+    /// and its elementwise kernels assert a packed innermost axis (aborting the process): a transposed
+    /// row is such a view.
+    #[test]
+    fn views_with_one_element_rows_are_computed_as_their_values() {
+        let cpu = CpuBackend;
+        let row = cpu.from_f32(&[1.0, 2.0, 3.0], &[1, 3]).unwrap();
+        let column = cpu.transpose(&row, &[1, 0]).unwrap();
+        let tens = cpu.from_f32(&[10.0, 20.0, 30.0], &[3, 1]).unwrap();
+        assert_eq!(cpu.read_f32(&cpu.add(&column, &tens).unwrap()).unwrap(), [11.0, 22.0, 33.0]);
+        assert_eq!(cpu.read_f32(&cpu.multiply(&tens, &column).unwrap()).unwrap(), [10.0, 40.0, 90.0]);
+        assert_eq!(cpu.read_f32(&cpu.tanh(&column).unwrap()).unwrap(), [1f32.tanh(), 2f32.tanh(), 3f32.tanh()]);
+    }
+
     /// A recursive drop of a million-node chain would overflow the test thread's 2 MiB stack.
     #[test]
     fn a_million_node_chain_is_released_without_recursion() {

@@ -390,7 +390,7 @@ impl Graph {
                 _ if quantized(t) => self.dequantize(t)?,
                 _ => return Err("the cpu backend computes with float or int32 arrays only (cast uint8 first)".into()),
             };
-            Ok(if g::ggml_is_contiguous(t) { t } else { g::ggml_cont(self.ctx, t) })
+            Ok(self.cont(t))
         }
     }
 
@@ -423,9 +423,15 @@ impl Graph {
         Ok(g::ggml_reshape_4d(self.ctx, g::ggml_get_rows(self.ctx, flat, ids), n[0], n[1], n[2], n[3]))
     }
 
+    /// `t`, contiguous. ggml counts a view whose rows hold one element as contiguous whatever their stride
+    /// (a transposed row), while its kernels assert the innermost stride is one element's size (aborting
+    /// the process): such a view is copied too.
     fn cont(&self, t: T) -> T {
         // SAFETY: t belongs to this context.
-        unsafe { if g::ggml_is_contiguous(t) { t } else { g::ggml_cont(self.ctx, t) } }
+        unsafe {
+            let packed_rows = (*t).nb[0] == g::ggml_type_size((*t).type_);
+            if g::ggml_is_contiguous(t) && packed_rows { t } else { g::ggml_cont(self.ctx, t) }
+        }
     }
 
     fn repeat(&self, t: T, to: [i64; 4]) -> T {
