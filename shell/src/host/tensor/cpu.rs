@@ -85,6 +85,20 @@ enum AttentionMask {
     Explicit,
 }
 
+impl AttentionMask {
+    /// The kind of `mask` (an explicit mask's array becomes an input of the attention).
+    fn of(mask: &Mask<'_, Array>) -> AttentionMask {
+        match *mask {
+            Mask::None => AttentionMask::None,
+            Mask::Causal => AttentionMask::Causal,
+            Mask::SlidingWindow { window, query_offset, key_offset } => {
+                AttentionMask::SlidingWindow { window: window as i64, query_offset: query_offset as i64, key_offset: key_offset as i64 }
+            }
+            Mask::Explicit(_) => AttentionMask::Explicit,
+        }
+    }
+}
+
 impl Node {
     fn new(shape: Vec<i32>, dtype: DType, blocks: Option<u32>, state: State) -> Node {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -518,21 +532,13 @@ impl Backend for CpuBackend {
             return Err("attention: there are no keys to attend to".into());
         }
         let mut inputs = vec![q.clone(), k.clone(), v.clone()];
-        let mask = match mask {
-            Mask::None => AttentionMask::None,
-            Mask::Causal => AttentionMask::Causal,
-            Mask::SlidingWindow { window, query_offset, key_offset } => {
-                AttentionMask::SlidingWindow { window: window as i64, query_offset: query_offset as i64, key_offset: key_offset as i64 }
+        if let Mask::Explicit(m) = &mask {
+            if !float(m.0.dtype) {
+                return Err("attention: the cpu backend takes additive (float) masks, not boolean ones".into());
             }
-            Mask::Explicit(m) => {
-                if !float(m.0.dtype) {
-                    return Err("attention: the cpu backend takes additive (float) masks, not boolean ones".into());
-                }
-                inputs.push(m.clone());
-                AttentionMask::Explicit
-            }
-        };
-        Ok(Array::pending(shape, DType::F32, Op::Attention { scale, mask }, inputs))
+            inputs.push((*m).clone());
+        }
+        Ok(Array::pending(shape, DType::F32, Op::Attention { scale, mask: AttentionMask::of(&mask) }, inputs))
     }
 
     fn conv1d_depthwise(&self, x: &Array, weight: &Array) -> OpResult<Array> {

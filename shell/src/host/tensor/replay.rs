@@ -25,6 +25,8 @@ pub struct LastRun {
     dtypes: Vec<DType>,
     /// Per input: its dtype and block format.
     inputs: Vec<(DType, Option<u32>)>,
+    /// The values that are inputs (`input` ops).
+    input_values: Vec<usize>,
     /// The node ids of the recorded run's values, from which a plan is made.
     ids: Vec<u64>,
     plan: Option<StepPlan>,
@@ -40,14 +42,15 @@ pub struct Seen {
 }
 
 impl LastRun {
-    /// From a recorded run: its values, and its inputs' types.
-    pub fn recorded(values: Vec<Seen>, inputs: Vec<(DType, Option<u32>)>) -> LastRun {
+    /// From a recorded run of `ops`: its values, and its inputs' types.
+    pub fn recorded(ops: &[Op], values: Vec<Seen>, inputs: Vec<(DType, Option<u32>)>) -> LastRun {
+        let input_values = ops.iter().enumerate().filter(|(_, op)| matches!(op, Op::Input(_))).map(|(v, _)| v).collect();
         let dtypes = values.iter().map(|v| v.dtype).collect();
         let ids: Vec<u64> = values.iter().map(|v| v.id).collect();
         let shapes: usize = values.iter().map(|v| std::mem::size_of::<Vec<i32>>() + 4 * v.shape.len()).sum();
         // (A plan, made later, holds about as much again per value as the ids.)
         let charged = shapes + values.len() + 16 * ids.len() + 8 * inputs.len();
-        LastRun { shapes: values.into_iter().map(|v| v.shape).collect(), dtypes, inputs, ids, plan: None, charged }
+        LastRun { shapes: values.into_iter().map(|v| v.shape).collect(), dtypes, inputs, input_values, ids, plan: None, charged }
     }
 
     /// The memory it holds, charged with its template's, as it was when recorded.
@@ -76,8 +79,7 @@ struct Run<'a> {
     shapes: Shapes<'a>,
     dtypes: &'a [DType],
     inputs: Vec<&'a cpu::Array>,
-    /// The values that are inputs.
-    input_values: Vec<usize>,
+    input_values: &'a [usize],
     ops: &'a [Op],
     shift: u32,
 }
@@ -91,7 +93,7 @@ impl StepValues for Run<'_> {
     }
 
     fn inputs(&self) -> &[usize] {
-        &self.input_values
+        self.input_values
     }
 
     fn shape(&self, value: usize) -> &[i32] {
@@ -148,8 +150,7 @@ pub fn run(state: &mut HostState, ops: &[Op], keep: &[u32], last: &mut LastRun, 
         return Ok(None);
     }
     state.check_deadline()?;
-    let input_values = ops.iter().enumerate().filter(|(_, op)| matches!(op, Op::Input(_))).map(|(v, _)| v).collect();
-    let run = Run { shapes: Shapes { last: &last.shapes, changed }, dtypes: &last.dtypes, inputs: arrays, input_values, ops, shift };
+    let run = Run { shapes: Shapes { last: &last.shapes, changed }, dtypes: &last.dtypes, inputs: arrays, input_values: &last.input_values, ops, shift };
     if last.plan.is_none() {
         // An op may return its operand's own array: a node is named by the first value that holds it,
         // an input's by the input.

@@ -105,7 +105,7 @@ fn record(state: &mut HostState, all: Vec<Handle>, ops: &[Op], keep: &[u32], shi
     let mut seen = Vec::with_capacity(ops.len());
     let result = batch::record(state, all, ops, keep, shift, Some(&mut seen));
     if matches!(result, Ok(Ok(_))) {
-        let recorded = LastRun::recorded(seen, types);
+        let recorded = LastRun::recorded(ops, seen, types);
         let t = &mut state.tensors;
         if t.template_bytes.saturating_add(recorded.bytes()) <= MAX_TEMPLATE_BYTES {
             t.template_bytes += recorded.bytes();

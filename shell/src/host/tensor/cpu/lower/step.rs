@@ -233,16 +233,9 @@ impl<'a> Bound<'a> {
         let mut masks = Vec::with_capacity(b.masks.len());
         for (&v, &(_, t)) in plan.masks.iter().zip(&b.masks) {
             let (mask, lq, length) = values.mask(v)?;
-            let mask = match mask {
-                Mask::None => AttentionMask::None,
-                Mask::Causal => AttentionMask::Causal,
-                Mask::SlidingWindow { window, query_offset, key_offset } => {
-                    AttentionMask::SlidingWindow { window: window as i64, query_offset: query_offset as i64, key_offset: key_offset as i64 }
-                }
-                Mask::Explicit(_) => return None,
-            };
+            let mask = AttentionMask::of(&mask);
             let n = ne_of(t);
-            if n[1] != lq || length > n[0] {
+            if mask == AttentionMask::Explicit || n[1] != lq || length > n[0] {
                 return None;
             }
             masks.push((mask, lq, length));
