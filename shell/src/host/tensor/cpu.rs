@@ -14,6 +14,7 @@ mod affine;
 mod buffer;
 pub mod kernels;
 mod lower;
+mod packed;
 
 use buffer::{release_heap_holes, Buffer};
 
@@ -313,8 +314,8 @@ impl Backend for CpuBackend {
     type Array = Array;
 
     fn name(&self) -> String {
-        let kernels = kernels::kernels().map_or("no", |k| k.variant.as_str());
-        format!("ggml (CPU, {kernels} kernels, {} threads)", lower::threads())
+        let (kernels, amx) = kernels::kernels().map_or(("no", ""), |k| (k.variant.as_str(), if k.amx.is_some() { " with AMX repacking" } else { "" }));
+        format!("ggml (CPU, {kernels} kernels{amx}, {} threads)", lower::threads())
     }
 
     fn from_f32(&self, data: &[f32], shape: &[i32]) -> OpResult<Array> {

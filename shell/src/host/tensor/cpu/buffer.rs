@@ -1,8 +1,9 @@
 //! Where the cpu backend's array bytes live: our own 64-byte aligned memory, memory that grows in place
 //! (caches), or a range of a mapped checkpoint.
 
+use super::packed::{packable, Packed};
 use memmap2::Mmap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// Element bytes: our own, 64-byte aligned (ggml's alignment for its buffers), or a range of a mapped
 /// checkpoint (block-quantized weights are computed from the file's pages, never copied).
@@ -15,7 +16,8 @@ enum Storage {
     Owned(Vec<Chunk>),
     /// Bytes that grow in place (see [`Buffer::grow`]).
     Growing(memmap2::MmapMut),
-    Mapped { map: Arc<Mmap>, offset: usize },
+    /// A range of a mapped checkpoint, and its repacked copy once a product has asked for one.
+    Mapped { map: Arc<Mmap>, offset: usize, packed: OnceLock<Option<Packed>> },
 }
 
 /// Set when a buffer left the heap for a mapping of its own (see [`Buffer::grow`]): the heap memory it
@@ -131,7 +133,35 @@ impl Buffer {
 
     /// `len` bytes of a mapped file from `offset` (checked by the caller to lie within it).
     pub(super) fn mapped(map: Arc<Mmap>, offset: usize, len: usize) -> Buffer {
-        Buffer { storage: Storage::Mapped { map, offset }, len }
+        Buffer { storage: Storage::Mapped { map, offset, packed: OnceLock::new() }, len }
+    }
+
+    /// The bytes (a weight of ggml type `ty` and dims `ne`) repacked for ggml's AMX kernels, made on
+    /// the first call (see `packed.rs`): only for a mapped checkpoint's weights, whose pages of the file
+    /// are handed back as they are repacked. None where they cannot be.
+    pub(super) fn packed(&self, ty: u32, ne: [i64; 4]) -> Option<&Packed> {
+        let Storage::Mapped { map, offset, packed } = &self.storage else { return None };
+        if !packable(ty, ne) {
+            return None;
+        }
+        let release = |range: std::ops::Range<usize>| release_pages(map, offset + range.start, range.len());
+        let packed = packed.get_or_init(|| Packed::new(ty, ne, self.bytes(), release)).as_ref()?;
+        packed.is(ty, ne).then_some(packed)
+    }
+
+    /// Whether a product has had these bytes repacked.
+    #[cfg(test)]
+    pub(super) fn is_repacked(&self) -> bool {
+        matches!(&self.storage, Storage::Mapped { packed, .. } if packed.get().is_some_and(Option::is_some))
+    }
+
+    /// Hands back the pages of the file a repacked weight's gathers read (see [`Buffer::packed`]).
+    pub(super) fn release_repacked_pages(&self) {
+        if let Storage::Mapped { map, offset, packed } = &self.storage {
+            if packed.get().is_some_and(Option::is_some) {
+                release_pages(map, *offset, self.len);
+            }
+        }
     }
 
     pub(super) fn from_bytes(bytes: &[u8]) -> Buffer {
@@ -145,7 +175,7 @@ impl Buffer {
             // SAFETY: the chunks hold at least `len` initialized bytes; Chunk is plain bytes.
             Storage::Owned(chunks) => unsafe { std::slice::from_raw_parts(chunks.as_ptr().cast::<u8>(), self.len) },
             Storage::Growing(map) => &map[..self.len],
-            Storage::Mapped { map, offset } => &map[*offset..*offset + self.len],
+            Storage::Mapped { map, offset, .. } => &map[*offset..*offset + self.len],
         }
     }
 
@@ -163,6 +193,13 @@ impl Buffer {
     pub(super) fn ptr(&self) -> *mut std::ffi::c_void {
         self.bytes().as_ptr() as *mut std::ffi::c_void
     }
+}
+
+/// Drops `len` bytes from `offset` of a mapped file from this process's memory.
+fn release_pages(map: &Mmap, offset: usize, len: usize) {
+    // SAFETY: a read-only private mapping of a file we never write: pages dropped are read again from
+    // the file if touched.
+    let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len) };
 }
 
 impl Drop for Buffer {

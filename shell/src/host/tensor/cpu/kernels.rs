@@ -4,7 +4,8 @@
 //! AVX-512 with VNNI and AMX; llama-cpp-sys-2's `dynamic-backends`), each as a module that exports the
 //! same functions and a score: 0 where the processor lacks an instruction the module uses, higher the
 //! more of them it uses. The graph builder, allocator and types (ggml-base) are linked as usual; only the
-//! five functions that run kernels come from the module with the best score. This is how ggml loads its
+//! functions that run kernels (and the AMX buffer type, see `packed.rs`) come from the module with the
+//! best score. This is how ggml loads its
 //! own backends, and what lets one binary run on any x86-64 (the AVX2 build shipped before stopped at
 //! processors without AVX2).
 //!
@@ -25,8 +26,19 @@ pub struct Kernels {
     pub graph_plan: unsafe extern "C" fn(*const g::ggml_cgraph, i32, *mut g::ggml_threadpool) -> g::ggml_cplan,
     pub graph_compute: unsafe extern "C" fn(*mut g::ggml_cgraph, *mut g::ggml_cplan) -> g::ggml_status,
     pub buffer_type: unsafe extern "C" fn() -> g::ggml_backend_buffer_type_t,
+    /// ggml's AMX buffer type, where the module and the processor have AMX (see `packed.rs`).
+    pub amx: Option<BufferType>,
     _library: Library,
 }
+
+/// A ggml buffer type: a static, immutable table of functions inside the module.
+#[derive(Clone, Copy)]
+pub struct BufferType(pub g::ggml_backend_buffer_type_t);
+
+// SAFETY: ggml's buffer types are statics the module never changes; their functions may be called from
+// any thread.
+unsafe impl Send for BufferType {}
+unsafe impl Sync for BufferType {}
 
 /// The best kernels for this processor, loaded on first use; or why there are none.
 pub fn kernels() -> Result<&'static Kernels, String> {
@@ -101,10 +113,39 @@ fn best_of(modules: &[(String, PathBuf)]) -> Result<Kernels, String> {
             graph_plan: *library.get(b"ggml_graph_plan\0").map_err(|_| get("ggml_graph_plan"))?,
             graph_compute: *library.get(b"ggml_graph_compute\0").map_err(|_| get("ggml_graph_compute"))?,
             buffer_type: *library.get(b"ggml_backend_cpu_buffer_type\0").map_err(|_| get("ggml_backend_cpu_buffer_type"))?,
+            amx: None,
             _library: library,
         };
         (kernels.cpu_init)();
-        Ok(kernels)
+        let amx = extra_buffer_type(&kernels._library, c"AMX");
+        Ok(Kernels { amx, ..kernels })
+    }
+}
+
+/// One of the module's extra buffer types by name, as llama.cpp finds them: through the module's backend
+/// registry ("ggml_backend_dev_get_extra_bufts"). ggml lists AMX only where the processor has it and the
+/// kernel let this process use its tile registers.
+///
+/// SAFETY: `library` is a ggml CPU module whose `ggml_cpu_init` has run.
+unsafe fn extra_buffer_type(library: &Library, name: &std::ffi::CStr) -> Option<BufferType> {
+    type ExtraBufferTypes = unsafe extern "C" fn(g::ggml_backend_dev_t) -> *mut g::ggml_backend_buffer_type_t;
+    unsafe {
+        let init = library.get::<unsafe extern "C" fn() -> g::ggml_backend_reg_t>(b"ggml_backend_init\0").ok()?;
+        let registry = init();
+        if registry.is_null() || g::ggml_backend_reg_dev_count(registry) == 0 {
+            return None;
+        }
+        let device = g::ggml_backend_reg_dev_get(registry, 0);
+        let get = g::ggml_backend_reg_get_proc_address(registry, c"ggml_backend_dev_get_extra_bufts".as_ptr());
+        let get: ExtraBufferTypes = std::mem::transmute::<*mut std::ffi::c_void, Option<ExtraBufferTypes>>(get)?;
+        let mut types = get(device);
+        while !types.is_null() && !(*types).is_null() {
+            if std::ffi::CStr::from_ptr(g::ggml_backend_buft_name(*types)) == name {
+                return Some(BufferType(*types));
+            }
+            types = types.add(1);
+        }
+        None
     }
 }
 

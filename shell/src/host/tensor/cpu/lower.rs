@@ -193,6 +193,8 @@ struct Graph {
     /// Buffers of the graph's own (rope positions, masks), as long as the graph lives.
     own: Vec<Buffer>,
     leaves: HashMap<*const super::Node, T>,
+    /// Weights as ggml's AMX product reads them (see [`Graph::repacked_leaf`]).
+    repacked: HashMap<*const super::Node, T>,
     /// Appends computed in place (see [`Graph::append`]): the buffer each such node of the order ends up
     /// holding.
     appended: HashMap<usize, Arc<Buffer>>,
@@ -240,6 +242,7 @@ impl Graph {
             held: Vec::new(),
             own: Vec::new(),
             leaves: HashMap::default(),
+            repacked: HashMap::default(),
             appended: HashMap::default(),
             masks: HashMap::default(),
             unnamed: Vec::new(),
@@ -324,6 +327,7 @@ impl Graph {
         }
         self.mark_outputs(order, keep, &lowered);
         self.leaves.clear();
+        self.repacked.clear();
         self.leaf_number.clear();
         self.in_reader.clear();
         Ok(())
@@ -365,6 +369,58 @@ impl Graph {
             None => self.bindings.complete = false,
         }
         Ok(t)
+    }
+
+    /// Whether `buffer` can be what leaf `t` of a kept graph reads: at least its bytes, or for a product's
+    /// repacked weight, a repacked copy of its type and dims.
+    fn leaf_fits(t: T, buffer: &Buffer) -> bool {
+        // SAFETY: reads of a live tensor header.
+        unsafe {
+            match (*t).buffer.is_null() {
+                true => buffer.bytes().len() >= g::ggml_nbytes(t),
+                false => buffer.packed((*t).type_, ne_of(t)).is_some(),
+            }
+        }
+    }
+
+    /// Points leaf `t` of a kept graph at `buffer`, which [`Graph::leaf_fits`].
+    ///
+    /// SAFETY: `t` is a tensor of a kept graph and `buffer` is held until the graph is done.
+    unsafe fn bind_leaf(t: T, buffer: &Buffer) {
+        unsafe {
+            match buffer.packed((*t).type_, ne_of(t)) {
+                Some(repacked) if !(*t).buffer.is_null() => repacked.point(t),
+                _ => (*t).data = buffer.ptr(),
+            }
+        }
+    }
+
+    /// A stored weight as ggml's AMX product reads it, repacked (see `packed.rs`); None where it is
+    /// not repacked. A tensor of its own beside the weight's [`Graph::leaf`], which other readers (a
+    /// gather from a tied embedding) read as stored; bound to the same leaf number.
+    fn repacked_leaf(&mut self, w: &Array) -> OpResult<Option<T>> {
+        let key = Arc::as_ptr(&w.0);
+        if let Some(&t) = self.repacked.get(&key) {
+            return Ok(Some(t));
+        }
+        let (Some(ty), Some(buffer)) = (w.0.blocks, w.buffer()) else { return Ok(None) };
+        let dims = ne(&w.0.shape)?;
+        let Some(repacked) = buffer.packed(ty, dims) else { return Ok(None) };
+        // SAFETY: a tensor header of the weight's type and dims in the context, pointed at the repacked
+        // copy (`is` those), which the held buffer keeps alive while the graph computes; only the product
+        // reads it.
+        let t = unsafe {
+            let t = g::ggml_new_tensor(self.ctx, ty, 4, dims.as_ptr());
+            repacked.point(t);
+            t
+        };
+        self.held.push(buffer);
+        self.repacked.insert(key, t);
+        match self.leaf_number.get(&key) {
+            Some(&n) => self.bindings.leaves.push((n, t)),
+            None => self.bindings.complete = false,
+        }
+        Ok(Some(t))
     }
 
     /// A zeroed tensor over a buffer of the graph's own, for values the shell writes (rope positions,
@@ -569,7 +625,17 @@ impl Graph {
             State::Pending(op, src) => stored_transpose(op, src),
             State::Ready(_) => None,
         };
+        let a = self.act(x[0])?;
+        let k = ne_of(a)[0];
+        let a = self.repeat(a, [k, out[1], out[2], out[3]]);
         let weight = match stored {
+            // One row of activations (a decode step): ggml's AMX product then runs its AVX-512 VNNI
+            // kernel. More rows would run its tile kernel, which faults in some virtual machines (see
+            // `packed.rs`), so those products read the weight as stored.
+            Some(w) if out[1] == 1 && out[2] == 1 && out[3] == 1 && g::ggml_is_contiguous(a) => match self.repacked_leaf(&w)? {
+                Some(t) => return Ok(g::ggml_mul_mat(ctx, t, a)),
+                None => self.leaf(&w)?,
+            },
             Some(w) => self.leaf(&w)?,
             _ => {
                 let b = self.act(x[1])?;
@@ -580,9 +646,6 @@ impl Graph {
             g::GGML_TYPE_I32 | g::GGML_TYPE_I8 => self.act(weight)?,
             _ => weight,
         };
-        let a = self.act(x[0])?;
-        let k = ne_of(a)[0];
-        let a = self.repeat(a, [k, out[1], out[2], out[3]]);
         if residual::rounds_activations_to_q8_k((*weight).type_) {
             return Ok(self.k_quant_product(weight, a));
         }

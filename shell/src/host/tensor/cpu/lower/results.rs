@@ -107,6 +107,11 @@ impl Graph {
             }
         }
         let result = runner.compute(self.graph, placed).and_then(|()| self.results(own, bytes));
+        // A gather from a repacked weight (a tied embedding) read some of its pages of the file back:
+        // the repacked copy stands in for them in memory (see `packed.rs`), so they are handed back again.
+        for buffer in &self.held {
+            buffer.release_repacked_pages();
+        }
         // Nothing of this evaluation stays with a graph that may be kept: the maps are keyed by nodes
         // whose addresses later nodes may reuse.
         self.held.clear();

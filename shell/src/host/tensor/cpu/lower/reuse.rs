@@ -277,7 +277,7 @@ pub(in crate::host::tensor) fn reused_graphs() -> u64 {
 /// still placed (it was the last graph computed). None when it cannot be reused.
 pub(super) fn replay(runner: &mut Runner, order: &[Array], structure: &Structure) -> Option<OpResult<()>> {
     let kept = runner.kept.as_ref()?;
-    if kept.key != structure.key || !runner.computed_last(kept.graph.graph) {
+    if kept.key != structure.key || !runner.computed_last(kept.graph.graph) || !kept.graph.leaves_fit(structure) {
         return None;
     }
     let mut kept = runner.kept.take()?;
@@ -318,6 +318,15 @@ pub(super) struct Bindings {
 }
 
 impl Graph {
+    /// Whether this evaluation's leaves fit the kept graph's tensors (equal shapes and types are in the
+    /// structure's key; a repacked weight also needs its copy: see [`Graph::leaf_fits`]).
+    fn leaves_fit(&self, structure: &Structure) -> bool {
+        self.bindings.leaves.iter().all(|&(n, t)| {
+            let buffer = structure.leaves.get(n).and_then(|leaf| leaf.as_ref()?.buffer());
+            buffer.is_some_and(|b| Graph::leaf_fits(t, &b))
+        })
+    }
+
     /// Points the kept graph at this evaluation's data and rewrites its positions, masks and appends.
     fn patch(&mut self, order: &[Array], structure: &Structure) -> OpResult<()> {
         for &i in &self.bindings.empty {
@@ -327,8 +336,9 @@ impl Graph {
         for &(n, t) in &leaves {
             let leaf = structure.leaves[n].as_ref().ok_or("a kept graph lost a leaf")?;
             let buffer = leaf.buffer().ok_or("the cpu backend met an input it had not computed")?;
-            // SAFETY: t is a tensor of the kept graph's context; the buffer is held until the graph is done.
-            unsafe { (*t).data = buffer.ptr() };
+            // SAFETY: t is a tensor of the kept graph's context; the buffer fits it (`replay` checked) and
+            // is held until the graph is done.
+            unsafe { Graph::bind_leaf(t, &buffer) };
             self.held.push(buffer);
         }
         self.bindings.leaves = leaves;

@@ -165,9 +165,9 @@ pub fn run(plan: &StepPlan, values: &impl StepValues) -> Option<OpResult<Vec<(us
     let graph = &mut kept.graph;
     // Nothing was changed before here; from here each write goes where the checks above allow.
     for (&(_, t), buffer) in graph.bindings.leaves.iter().zip(&bound.leaves) {
-        // SAFETY: t is a tensor of the kept graph; the buffer holds at least its bytes (checked) and is
-        // held until the graph is done.
-        unsafe { (*t).data = buffer.ptr() };
+        // SAFETY: t is a tensor of the kept graph; the buffer fits it (checked) and is held until the
+        // graph is done.
+        unsafe { super::Graph::bind_leaf(t, buffer) };
     }
     graph.held.extend(bound.leaves);
     for (&(_, t), &offset) in graph.bindings.positions.iter().zip(&bound.offsets) {
@@ -221,10 +221,10 @@ impl<'a> Bound<'a> {
         for &(n, t) in &b.leaves {
             let array = plan.leaves.get(n)?.as_ref()?.data(values)?;
             let buffer = array.buffer()?;
-            // SAFETY: reads of a tensor header of the kept graph.
-            let (ty, bytes) = unsafe { ((*t).type_, g::ggml_nbytes(t)) };
+            // SAFETY: a read of a tensor header of the kept graph.
+            let ty = unsafe { (*t).type_ };
             let same = ne(&array.0.shape).ok()? == ne_of(t) && array.0.blocks.unwrap_or(ggml_type(array.0.dtype)) == ty;
-            if !same || buffer.bytes().len() < bytes {
+            if !same || !super::Graph::leaf_fits(t, &buffer) {
                 return None;
             }
             leaves.push(buffer);
