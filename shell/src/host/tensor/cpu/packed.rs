@@ -205,6 +205,12 @@ mod tests {
         }
         let after = resident_kb(map.as_ptr() as usize);
         assert!(before >= 1000 && after < 64, "the weight's pages of the file were not handed back: {before} kB, then {after} kB");
+        // Later steps (one-row products back to back: a kept graph pointed at new activations) too.
+        let steps: Vec<Vec<f32>> = (1..4).map(|s| product(&weight, &x.iter().map(|v| v * s as f32 - 0.25).collect::<Vec<_>>(), 1)).collect();
+        for (s, step) in (1..4).zip(&steps) {
+            let stored = product(&weight, &x.iter().map(|v| v * s as f32 - 0.25).collect::<Vec<_>>(), 2);
+            assert!(step.iter().zip(&stored).all(|(a, b)| (a - b).abs() <= 1e-4 * b.abs().max(1.0)), "step {s}");
+        }
         // The next two-row product reads the stored blocks again, and gives their pages back after.
         assert_eq!(product(&weight, &x, 2), stored);
         assert!(resident_kb(map.as_ptr() as usize) < 64);

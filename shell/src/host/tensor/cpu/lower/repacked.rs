@@ -23,9 +23,10 @@ impl Graph {
     /// SAFETY: `t` is a tensor of a kept graph and `buffer` is held until the graph is done.
     pub(super) unsafe fn bind_leaf(t: T, buffer: &Buffer) {
         unsafe {
-            match buffer.packed((*t).type_, ne_of(t)) {
-                Some(repacked) if !(*t).buffer.is_null() => repacked.point(t),
-                _ => (*t).data = buffer.ptr(),
+            if (*t).buffer.is_null() {
+                (*t).data = buffer.ptr();
+            } else if let Some(repacked) = buffer.packed((*t).type_, ne_of(t)) {
+                repacked.point(t);
             }
         }
     }
