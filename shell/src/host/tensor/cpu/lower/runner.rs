@@ -111,8 +111,6 @@ impl Runner {
             self.last = std::ptr::null_mut();
             if !placed {
                 self.plan = None;
-            }
-            if !placed {
                 self.fit_allocator(graph);
                 if !g::ggml_gallocr_alloc_graph(self.allocator, graph) {
                     return Err("ggml could not allocate memory for the graph".into());
