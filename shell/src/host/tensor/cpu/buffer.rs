@@ -3,6 +3,7 @@
 
 use super::packed::{packable, Packed};
 use memmap2::Mmap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// Element bytes: our own, 64-byte aligned (ggml's alignment for its buffers), or a range of a mapped
@@ -16,8 +17,9 @@ enum Storage {
     Owned(Vec<Chunk>),
     /// Bytes that grow in place (see [`Buffer::grow`]).
     Growing(memmap2::MmapMut),
-    /// A range of a mapped checkpoint, and its repacked copy once a product has asked for one.
-    Mapped { map: Arc<Mmap>, offset: usize, packed: OnceLock<Option<Packed>> },
+    /// A range of a mapped checkpoint, and its repacked copy once a product has asked for one; whether
+    /// a graph has read the range as stored since its pages were last handed back.
+    Mapped { map: Arc<Mmap>, offset: usize, packed: OnceLock<Option<Packed>>, read_as_stored: AtomicBool },
 }
 
 /// Set when a buffer left the heap for a mapping of its own (see [`Buffer::grow`]): the heap memory it
@@ -133,14 +135,14 @@ impl Buffer {
 
     /// `len` bytes of a mapped file from `offset` (checked by the caller to lie within it).
     pub(super) fn mapped(map: Arc<Mmap>, offset: usize, len: usize) -> Buffer {
-        Buffer { storage: Storage::Mapped { map, offset, packed: OnceLock::new() }, len }
+        Buffer { storage: Storage::Mapped { map, offset, packed: OnceLock::new(), read_as_stored: AtomicBool::new(false) }, len }
     }
 
     /// The bytes (a weight of ggml type `ty` and dims `ne`) repacked for ggml's AMX kernels, made on
     /// the first call (see `packed.rs`): only for a mapped checkpoint's weights, whose pages of the file
     /// are handed back as they are repacked. None where they cannot be.
     pub(super) fn packed(&self, ty: u32, ne: [i64; 4]) -> Option<&Packed> {
-        let Storage::Mapped { map, offset, packed } = &self.storage else { return None };
+        let Storage::Mapped { map, offset, packed, .. } = &self.storage else { return None };
         if !packable(ty, ne) {
             return None;
         }
@@ -155,10 +157,18 @@ impl Buffer {
         matches!(&self.storage, Storage::Mapped { packed, .. } if packed.get().is_some_and(Option::is_some))
     }
 
-    /// Hands back the pages of the file a repacked weight's gathers read (see [`Buffer::packed`]).
+    /// Notes that a graph reads these bytes as stored (a gather from a tied embedding).
+    pub(super) fn reading_as_stored(&self) {
+        if let Storage::Mapped { read_as_stored, .. } = &self.storage {
+            read_as_stored.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Hands back the pages of the file a repacked weight's readers as stored brought back, if any did
+    /// since the last call (see [`Buffer::packed`]).
     pub(super) fn release_repacked_pages(&self) {
-        if let Storage::Mapped { map, offset, packed } = &self.storage {
-            if packed.get().is_some_and(Option::is_some) {
+        if let Storage::Mapped { map, offset, packed, read_as_stored } = &self.storage {
+            if packed.get().is_some_and(Option::is_some) && read_as_stored.swap(false, Ordering::Relaxed) {
                 release_pages(map, *offset, self.len);
             }
         }

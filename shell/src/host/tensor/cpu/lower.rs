@@ -362,6 +362,7 @@ impl Graph {
         // SAFETY: a 4-d tensor header in the context; its data points at `buffer`, held while computing.
         let t = unsafe { g::ggml_new_tensor(self.ctx, a.0.blocks.unwrap_or(ggml_type(a.0.dtype)), 4, ne(&a.0.shape)?.as_ptr()) };
         unsafe { (*t).data = buffer.ptr() };
+        buffer.reading_as_stored();
         self.held.push(buffer);
         self.leaves.insert(key, t);
         match self.leaf_number.get(&key) {
@@ -532,12 +533,15 @@ impl Graph {
                     joined
                 }
                 Op::TakeRows => {
-                    let table = self.cont(x[0]);
-                    let rows = inputs[0].0.shape[0] as i64;
-                    let row = inputs[0].elements() as i64 / rows.max(1);
-                    let table = g::ggml_reshape_2d(ctx, table, row, rows);
                     let ids = g::ggml_reshape_1d(ctx, self.cont(x[1]), inputs[1].elements() as i64);
-                    let picked = g::ggml_get_rows(ctx, table, ids);
+                    let picked = match self.repacked_rows(&inputs[0], ids)? {
+                        Some(picked) => picked,
+                        None => {
+                            let rows = inputs[0].0.shape[0] as i64;
+                            let row = inputs[0].elements() as i64 / rows.max(1);
+                            g::ggml_get_rows(ctx, g::ggml_reshape_2d(ctx, self.cont(x[0]), row, rows), ids)
+                        }
+                    };
                     g::ggml_reshape_4d(ctx, picked, out[0], out[1], out[2], out[3])
                 }
                 Op::Softmax(axis) => {

@@ -179,6 +179,27 @@ mod tests {
         cpu.read_f32(&out).unwrap()
     }
 
+    /// A gather from a Q8_0 table (a tied embedding) reads its rows from the repacked copy, repacking it
+    /// if a product has not yet: exactly the stored rows.
+    #[test]
+    fn gathered_rows_of_a_repacked_table_are_its_stored_rows() {
+        if kernels().map_or(true, |k| k.amx.is_none()) {
+            eprintln!("skipped: ggml has no AMX buffer type on this processor");
+            return;
+        }
+        let (rows, k) = (RUN_ROWS as usize + 96, 256);
+        let (table, map) = mapped_q8_0(rows, k);
+        let ids = [0, 1, 15, 16, 17, 4111, rows as i32 - 1, 8];
+        let stored = super::super::to_f32(g::GGML_TYPE_Q8_0, &map[..], rows * k);
+        let cpu = CpuBackend;
+        let gathered = cpu.read_f32(&cpu.take(&table, &cpu.from_i32(&ids, &[ids.len() as i32]).unwrap(), 0).unwrap()).unwrap();
+        assert!(table.buffer().unwrap().is_repacked(), "the gather did not read the table repacked");
+        for (i, &id) in ids.iter().enumerate() {
+            let id = id as usize;
+            assert_eq!(&gathered[i * k..][..k], &stored[id * k..][..k], "row {id}");
+        }
+    }
+
     /// On an AMX processor a decode step's product reads the weight repacked, computes what the product
     /// with the weight as stored computes (the same Q8_0 activations, summed in another order), and the
     /// weight's pages of the file are handed back.
