@@ -21,7 +21,18 @@ fn demo_model() -> Option<(std::path::PathBuf, tokenizers::Tokenizer)> {
         eprintln!("skipped: {} not present (run `cargo xtask demo-model`)", gguf.display());
         return None;
     }
-    Some((gguf, tokenizers::Tokenizer::from_file(&tokenizer).unwrap()))
+    Some((gguf, edgechat::tokenizer::load(&tokenizer).unwrap()))
+}
+
+/// Gemma 3's tokenizer (262144 tokens, 514906 merges) as we load it is the one `tokenizers` loads.
+#[test]
+fn the_real_tokenizer_loads_as_tokenizers_loads_it() {
+    let Some((_, ours)) = demo_model() else { return };
+    let theirs = tokenizers::Tokenizer::from_file(common::workspace().join(".toolchain/demo/tokenizer/tokenizer.json")).unwrap();
+    assert_eq!(ours.to_string(false).unwrap(), theirs.to_string(false).unwrap());
+    let text = "<start_of_turn>user\nWhat is 2+2? Ünïcödé, 中文, emoji 🙂\t tabs<end_of_turn>\n<start_of_turn>model\n";
+    let (a, b) = (ours.encode(text, true).unwrap(), theirs.encode(text, true).unwrap());
+    assert_eq!(a.get_ids(), b.get_ids());
 }
 
 #[test]

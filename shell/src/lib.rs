@@ -22,4 +22,5 @@ pub mod sampler;
 pub mod server;
 pub mod shell;
 pub mod text;
+pub mod tokenizer;
 pub mod updates;

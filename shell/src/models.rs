@@ -140,7 +140,7 @@ impl ModelFiles {
     pub fn tokenizer(&self) -> Result<Option<tokenizers::Tokenizer>> {
         self.tokenizer
             .as_ref()
-            .map(|p| tokenizers::Tokenizer::from_file(p).map_err(|e| anyhow::anyhow!("cannot read tokenizer {}: {e}", p.display())))
+            .map(|p| crate::tokenizer::load(p))
             .transpose()
     }
 

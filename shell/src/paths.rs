@@ -79,10 +79,16 @@ pub const MAX_JSON_BYTES: u64 = 32 << 20;
 pub fn read_capped(path: &Path, max: u64) -> anyhow::Result<String> {
     use std::io::Read;
     let file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut text = String::new();
+    let refused = || anyhow::anyhow!("{} is larger than {} MiB; refused", path.display(), max >> 20);
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > max {
+        return Err(refused());
+    }
+    // Room for exactly the file (a tokenizer_config.json read into doubling room held 2 MB for 1.1).
+    let mut text = String::with_capacity(len as usize);
     file.take(max + 1).read_to_string(&mut text).with_context(|| format!("reading {}", path.display()))?;
     if text.len() as u64 > max {
-        anyhow::bail!("{} is larger than {} MiB; refused", path.display(), max >> 20);
+        return Err(refused());
     }
     Ok(text)
 }
