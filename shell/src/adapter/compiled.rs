@@ -16,16 +16,13 @@ pub fn load_or_compile(engine: &Engine, bytes: &[u8], sha256: &str, cache_dir: O
     let mut hasher = DefaultHasher::new();
     engine.precompile_compatibility_hash().hash(&mut hasher);
     let path = dir.join(format!("{sha256}-{:016x}.cwasm", hasher.finish()));
-    if path.exists() {
-        // Mapped, not read: only the code an adapter runs is then resident (Gemma's: 1.7 MiB of its
-        // 4.3 MB), where a copy in memory kept all of it for the whole run.
+    // Read into memory rather than mmap the file: a cache file rewritten underneath a mapping would
+    // crash the process (SIGBUS) instead of failing cleanly.
+    if let Ok(serialized) = std::fs::read(&path) {
         // SAFETY: the file was written by `Component::serialize` of this same engine configuration (the
-        // key includes its compatibility hash) into the user's own cache directory, and wasmtime checks
-        // its header and version; a file that fails to deserialize is recompiled below. Entries are
-        // only ever replaced by a rename (`store`), which leaves a mapped file intact; a file truncated
-        // in place by some other program would stop the process (SIGBUS), but whoever can write this
-        // directory can already replace the machine code we run.
-        match unsafe { Component::deserialize_file(engine, &path) } {
+        // key includes its compatibility hash) into the user's own cache directory; wasmtime checks its
+        // header and version. A file that fails to deserialize is recompiled below.
+        match unsafe { Component::deserialize(engine, &serialized) } {
             Ok(component) => return Ok((component, true)),
             Err(e) => tracing::warn!("recompiling {}: cached code unusable ({e})", path.display()),
         }
