@@ -133,6 +133,18 @@ impl Buffer {
         true
     }
 
+    /// Drops the first `bytes` bytes, moving the rest to the front of the same memory (a cache cut back
+    /// to what it keeps, see `lower/compact.rs`); false for a mapped checkpoint.
+    pub(super) fn drop_front(&mut self, bytes: usize) -> bool {
+        if bytes > self.len || matches!(self.storage, Storage::Mapped { .. }) {
+            return false;
+        }
+        let len = self.len;
+        self.bytes_mut().copy_within(bytes..len, 0);
+        self.len = len - bytes;
+        true
+    }
+
     /// `len` bytes of a mapped file from `offset` (checked by the caller to lie within it).
     pub(super) fn mapped(map: Arc<Mmap>, offset: usize, len: usize) -> Buffer {
         Buffer { storage: Storage::Mapped { map, offset, packed: OnceLock::new(), read_as_stored: AtomicBool::new(false) }, len }

@@ -12,6 +12,7 @@ use llama_cpp_sys_2 as g;
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use std::sync::Arc;
 
+mod compact;
 mod fused;
 mod repacked;
 mod residual;
@@ -112,7 +113,10 @@ pub(super) fn evaluate(roots: &[&Array]) -> OpResult<()> {
 
 /// As `evaluate`, keeping `roots` as `kind`.
 fn compute(roots: &[&Array], kind: Kept) -> OpResult<()> {
-    let order = pending_order(roots)?;
+    let mut order = pending_order(roots)?;
+    if compact::in_place(&order) {
+        order = pending_order(roots)?;
+    }
     if order.is_empty() {
         return Ok(());
     }
