@@ -89,11 +89,11 @@ pub fn parse(json: &str) -> Result<Tokenizer> {
 /// `tokenizers` wrote it, goes through `tokenizers`' own guessing).
 fn model(json: &str) -> Result<ModelWrapper> {
     #[derive(Deserialize)]
-    struct Kind<'a> {
+    struct ModelSection<'a> {
         #[serde(rename = "type", borrow)]
         kind: Option<&'a str>,
     }
-    let kind: Kind = serde_json::from_str(json)?;
+    let kind: ModelSection = serde_json::from_str(json)?;
     Ok(match kind.kind {
         Some("BPE") => ModelWrapper::BPE(serde_json::from_str::<BPE>(json)?),
         Some("Unigram") => ModelWrapper::Unigram(serde_json::from_str::<Unigram>(json)?),
