@@ -169,7 +169,7 @@ impl Buffer {
         matches!(&self.storage, Storage::Mapped { packed, .. } if packed.get().is_some_and(Option::is_some))
     }
 
-    /// Notes that a graph reads these bytes as stored (a gather from a tied embedding).
+    /// Notes that a graph reads these bytes as stored (a prompt's product with more than one row).
     pub(super) fn reading_as_stored(&self) {
         if let Storage::Mapped { read_as_stored, .. } = &self.storage {
             read_as_stored.store(true, Ordering::Relaxed);

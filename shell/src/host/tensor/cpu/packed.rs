@@ -13,10 +13,11 @@
 //! (`Graph::matmul`), and those run AVX-512 VNNI instructions only.
 //!
 //! llama.cpp puts weights in this buffer type too, but not a head tied to the embedding: the embedding's
-//! gather reads the blocks as stored. We keep both: the file's mapped blocks for gathers, the repacked
-//! copy for products. Each run of rows hands its pages of the file back once it is repacked, and the
-//! pages a gather reads back are handed back after each evaluation, so the copy takes the file's place
-//! in memory rather than adding to it. It is larger by a 4-byte sum per 32-value block (Q8_0: 38 bytes
+//! gather reads the blocks as stored. Here the gather reads its rows from the repacked copy too
+//! (`lower/repacked.rs`), and a prompt's products with more rows read the file's mapped blocks. Each run
+//! of rows hands its pages of the file back once it is repacked, and the pages a prompt's product reads
+//! back are handed back after its evaluation, so the copy takes the file's place in memory rather than
+//! adding to it. It is larger by a 4-byte sum per 32-value block (Q8_0: 38 bytes
 //! where the file has 34; Gemma 3 270M's head, 190 MiB for 170).
 //!
 //! The activations are rounded to the same Q8_0/Q8_1 blocks as in ggml's plain product, so only the

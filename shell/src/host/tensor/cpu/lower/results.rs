@@ -107,9 +107,9 @@ impl Graph {
             }
         }
         let result = runner.compute(self.graph, placed).and_then(|()| self.results(own, bytes));
-        // A gather from a repacked weight (a tied embedding) read some of its pages of the file back:
-        // the repacked copy stands in for them in memory (see `packed.rs`), so they are handed back again
-        // (only where a leaf read the weight as stored: one call a decode step).
+        // A prompt's product read a repacked weight as stored, bringing its pages of the file back: the
+        // repacked copy stands in for them in memory (see `packed.rs`), so they are handed back again
+        // (only where a leaf read the weight as stored).
         for buffer in &self.held {
             buffer.release_repacked_pages();
         }
