@@ -12,7 +12,7 @@ use edgechat::host::weights::gguf::GgufCheckpoint;
 use edgechat::host::weights::{OpenCheckpoint, Precision};
 
 /// The demo model's GGUF and tokenizer, or None (with a note) when they have not been fetched.
-fn demo_model() -> Option<(std::path::PathBuf, tokenizers::Tokenizer)> {
+fn demo_model() -> Option<(std::path::PathBuf, edgechat::tokenizer::Tokenizer)> {
     let demo = common::workspace().join(".toolchain/demo");
     let gguf = demo.join("gemma-3-270m-q4_k_m.gguf");
     let tokenizer = demo.join("tokenizer/tokenizer.json");
@@ -30,9 +30,27 @@ fn the_real_tokenizer_loads_as_tokenizers_loads_it() {
     let Some((_, ours)) = demo_model() else { return };
     let theirs = tokenizers::Tokenizer::from_file(common::workspace().join(".toolchain/demo/tokenizer/tokenizer.json")).unwrap();
     assert_eq!(ours.to_string(false).unwrap(), theirs.to_string(false).unwrap());
-    let text = "<start_of_turn>user\nWhat is 2+2? Ünïcödé, 中文, emoji 🙂\t tabs<end_of_turn>\n<start_of_turn>model\n";
-    let (a, b) = (ours.encode(text, true).unwrap(), theirs.encode(text, true).unwrap());
-    assert_eq!(a.get_ids(), b.get_ids());
+    let chat = "<start_of_turn>user\nWhat is 2+2? Ünïcödé, 中文, emoji 🙂\t tabs<end_of_turn>\n<start_of_turn>model\n";
+    let prose = std::fs::read_to_string(common::fixture("text/harbor.txt")).unwrap();
+    // Text the vocabulary splits into bytes: private-use and unassigned-looking characters, controls.
+    let rare = "\u{e000}\u{10fffd}\u{1}\u{7f} \u{2028}x\u{fe0f}\u{200d}👩\u{200d}🔬  \n\n\t\r\n";
+    for text in [chat, &prose, rare] {
+        let (a, b) = (ours.encode(text, true).unwrap(), theirs.encode(text, true).unwrap());
+        assert_eq!(a.get_ids(), b.get_ids());
+        assert_eq!(a.get_offsets(), b.get_offsets());
+    }
+    // Every line of the prose, cut at random characters and joined with rare ones.
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config { cases: 300, ..Default::default() });
+    let words = proptest::collection::vec(proptest::sample::select(prose.split(' ').map(str::to_string).collect::<Vec<_>>()), 0..12);
+    let strategy = (words, "\\PC{0,6}", 0..40usize);
+    runner
+        .run(&strategy, |(words, odd, cut)| {
+            let text: String = words.join(" ").chars().skip(cut).chain(odd.chars()).collect();
+            let (a, b) = (ours.encode(text.as_str(), false).unwrap(), theirs.encode(text.as_str(), false).unwrap());
+            proptest::prop_assert_eq!(a.get_ids(), b.get_ids(), "{:?}", text);
+            Ok(())
+        })
+        .unwrap();
 }
 
 #[test]

@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
-use tokenizers::Tokenizer;
+use crate::tokenizer::Tokenizer;
 
 pub use crate::adapter::bindings::exports::edgechat::adapter::prompt::Message;
 

@@ -11,7 +11,7 @@ use anyhow::Result;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
-use tokenizers::Tokenizer;
+use crate::tokenizer::Tokenizer;
 
 /// When to stop: special tokens that end a turn, and strings.
 #[derive(Debug, Clone, Default)]
@@ -73,7 +73,7 @@ impl StopFilter {
 
 type Decoder<'t> = tokenizers::DecodeStream<
     't,
-    tokenizers::ModelWrapper,
+    crate::tokenizer::Model,
     tokenizers::NormalizerWrapper,
     tokenizers::PreTokenizerWrapper,
     tokenizers::PostProcessorWrapper,
@@ -249,7 +249,7 @@ mod tests {
             "model": {"type": "BPE", "byte_fallback": true, "unk_token": "<unk>", "fuse_unk": true, "merges": [],
                 "vocab": {"<unk>": 0, "<0xE2>": 1, "<0x82>": 2, "<0xAC>": 3, "\u{2581}hello": 4, "\u{2581}world": 5, "<end>": 6, "!": 7}}
         });
-        Tokenizer::from_bytes(serde_json::to_vec(&json).unwrap()).unwrap()
+        crate::tokenizer::parse(&json.to_string()).unwrap()
     }
 
     #[test]

@@ -137,7 +137,7 @@ impl ModelFiles {
         usize::try_from(length).ok().filter(|&n| n > 0)
     }
 
-    pub fn tokenizer(&self) -> Result<Option<tokenizers::Tokenizer>> {
+    pub fn tokenizer(&self) -> Result<Option<crate::tokenizer::Tokenizer>> {
         self.tokenizer
             .as_ref()
             .map(|p| crate::tokenizer::load(p))

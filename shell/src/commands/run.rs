@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use tokenizers::Tokenizer;
+use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {

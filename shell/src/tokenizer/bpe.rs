@@ -1,0 +1,681 @@
+//! Byte-pair encoding with the vocabulary and merges in flat arrays. `tokenizers`' own BPE keeps every
+//! token's text twice (text → id and id → text, each text a separate allocation in a hash map) and its
+//! merges in a third map: for Gemma 3's 262144 tokens and 514906 merges that is 68 MB, held for the
+//! whole run, more than a quarter of the model's weights. Here the texts are one string indexed by id,
+//! text → id is the ids sorted by text, and the merges are one array sorted by pair: ~12 MB, looked up
+//! by binary search. Tokenizing follows `tokenizers`' algorithm step for step (`BPE::merge_word`,
+//! `Word::merge_all`), so the tokens are the same; the tests check that against `tokenizers` itself.
+
+use anyhow::{bail, Result};
+use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
+use serde::ser::{SerializeMap, SerializeStruct};
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
+use std::borrow::Cow;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::path::{Path, PathBuf};
+use tokenizers::models::bpe::BpeTrainer;
+use tokenizers::Token;
+
+#[derive(Clone)]
+pub struct Bpe {
+    /// Every token's text, in id order: token `i` is `text[bounds[i]..bounds[i + 1]]`.
+    text: String,
+    bounds: Vec<u32>,
+    /// The ids, sorted by their text.
+    by_text: Vec<u32>,
+    /// The merges, sorted by pair; a pair listed twice keeps its last rank, as in `tokenizers`.
+    merges: Vec<MergeRule>,
+    options: Options,
+}
+
+#[derive(Clone, Copy)]
+struct MergeRule {
+    /// Left id in the high half, right id in the low half.
+    pair: u64,
+    rank: u32,
+    merged: u32,
+}
+
+/// The model section's settings, as tokenizer.json spells them.
+#[derive(Clone, Deserialize)]
+struct Options {
+    dropout: Option<f32>,
+    unk_token: Option<String>,
+    continuing_subword_prefix: Option<String>,
+    end_of_word_suffix: Option<String>,
+    fuse_unk: Option<bool>,
+    byte_fallback: Option<bool>,
+    ignore_merges: Option<bool>,
+}
+
+/// A BPE model section, its two large fields left unparsed until the options are known.
+#[derive(Deserialize)]
+struct Section<'a> {
+    #[serde(flatten)]
+    options: Options,
+    #[serde(borrow)]
+    vocab: Option<&'a RawValue>,
+    #[serde(borrow)]
+    merges: Option<&'a RawValue>,
+}
+
+impl Bpe {
+    /// The model in a BPE section of tokenizer.json, or `None` for one this does not hold: dropout
+    /// (random merges), or a vocabulary that is not one text per id for the ids 0..n.
+    pub fn parse(json: &str) -> Result<Option<Bpe>> {
+        let Section { options, vocab, merges } = serde_json::from_str(json)?;
+        let (Some(vocab), Some(merges)) = (vocab, merges) else { bail!("Missing vocab/merges") };
+        match options.dropout {
+            Some(p) if !(0.0..=1.0).contains(&p) => bail!("dropout should be between 0 and 1, inclusive"),
+            Some(p) if p > 0.0 => return Ok(None),
+            _ => {}
+        }
+        let Some(mut bpe) = Bpe::with_vocabulary(serde_json::from_str::<Vocabulary>(vocab.get())?.0, options)? else {
+            return Ok(None);
+        };
+        let mut rules = Vec::new();
+        let mut deserializer = serde_json::Deserializer::from_str(merges.get());
+        // Resolving half a million merges by binary search took longer than the rest of the load.
+        let ids: HashMap<&[u8], u32> = (0..bpe.len() as u32).map(|id| (bpe.token_bytes(id), id)).collect();
+        MergeList { ids: &ids, prefix_len: bpe.options.continuing_subword_prefix.as_deref().map_or(0, str::len), rules: &mut rules }
+            .deserialize(&mut deserializer)?;
+        deserializer.end()?;
+        rules.sort_unstable_by_key(|r| (r.pair, Reverse(r.rank)));
+        rules.dedup_by_key(|r| r.pair);
+        rules.shrink_to_fit();
+        bpe.merges = rules;
+        Ok(Some(bpe))
+    }
+
+    fn with_vocabulary(mut entries: Vec<(Cow<str>, u32)>, options: Options) -> Result<Option<Bpe>> {
+        entries.sort_unstable_by_key(|e| e.1);
+        if entries.iter().enumerate().any(|(i, e)| e.1 as usize != i) {
+            return Ok(None);
+        }
+        let mut text = String::with_capacity(entries.iter().map(|e| e.0.len()).sum());
+        let mut bounds = Vec::with_capacity(entries.len() + 1);
+        bounds.push(0);
+        for (token, _) in &entries {
+            text.push_str(token);
+            let Ok(end) = u32::try_from(text.len()) else { bail!("the vocabulary's text is larger than 4 GiB") };
+            bounds.push(end);
+        }
+        drop(entries);
+        let mut bpe = Bpe { text, bounds, by_text: Vec::new(), merges: Vec::new(), options };
+        let mut by_text: Vec<u32> = (0..bpe.len() as u32).collect();
+        by_text.sort_unstable_by(|&a, &b| bpe.token_bytes(a).cmp(bpe.token_bytes(b)));
+        if by_text.windows(2).any(|w| bpe.token_bytes(w[0]) == bpe.token_bytes(w[1])) {
+            return Ok(None);
+        }
+        bpe.by_text = by_text;
+        Ok(Some(bpe))
+    }
+
+    fn len(&self) -> usize {
+        self.bounds.len() - 1
+    }
+
+    fn token(&self, id: u32) -> &str {
+        let id = id as usize;
+        &self.text[self.bounds[id] as usize..self.bounds[id + 1] as usize]
+    }
+
+    /// The token's bytes: what lookups compare, without `str`'s check of character boundaries.
+    #[inline]
+    fn token_bytes(&self, id: u32) -> &[u8] {
+        let id = id as usize;
+        &self.text.as_bytes()[self.bounds[id] as usize..self.bounds[id + 1] as usize]
+    }
+
+    fn id(&self, token: &[u8]) -> Option<u32> {
+        let found = self.by_text.binary_search_by(|&id| self.token_bytes(id).cmp(token));
+        found.ok().map(|i| self.by_text[i])
+    }
+
+    fn merge(&self, left: u32, right: u32) -> Option<MergeRule> {
+        let pair = (left as u64) << 32 | right as u64;
+        self.merges.binary_search_by_key(&pair, |r| r.pair).ok().map(|i| self.merges[i])
+    }
+
+    /// The symbols of `word` before merging: `BPE::merge_word`'s first half, unknown characters and
+    /// byte fallback included, each with its length in bytes of `word`.
+    fn symbols(&self, word: &str) -> tokenizers::Result<Vec<Symbol>> {
+        let options = &self.options;
+        let mut symbols = Vec::with_capacity(word.len());
+        let push = |symbols: &mut Vec<Symbol>, id: u32, len: usize| {
+            let at = symbols.len() as isize;
+            if let Some(last) = symbols.last_mut() {
+                last.next = at;
+            }
+            symbols.push(Symbol { id, prev: at - 1, next: -1, len });
+        };
+        let unk_id = || {
+            let unk = options.unk_token.as_deref().unwrap_or_default();
+            self.id(unk.as_bytes()).ok_or_else(|| format!("Unk token `{unk}` not found in the vocabulary"))
+        };
+        let mut unk: Option<(u32, usize)> = None;
+        let mut piece = String::new();
+        let mut chars = word.char_indices().peekable();
+        while let Some((start, c)) = chars.next() {
+            let byte_len = c.len_utf8();
+            piece.clear();
+            if let Some(prefix) = options.continuing_subword_prefix.as_deref().filter(|_| start > 0) {
+                piece.push_str(prefix);
+            }
+            piece.push(c);
+            if let Some(suffix) = options.end_of_word_suffix.as_deref().filter(|_| chars.peek().is_none()) {
+                piece.push_str(suffix);
+            }
+            if let Some(id) = self.id(piece.as_bytes()) {
+                if let Some((unk_id, unk_len)) = unk.take() {
+                    push(&mut symbols, unk_id, unk_len);
+                }
+                push(&mut symbols, id, byte_len);
+                continue;
+            }
+            if options.byte_fallback == Some(true) {
+                let bytes: Option<Vec<u32>> = piece.bytes().map(|b| self.id(format!("<{b:#04X}>").as_bytes())).collect();
+                if let Some(bytes) = bytes {
+                    // As in `tokenizers`, an unknown run still pending is added after these.
+                    bytes.into_iter().for_each(|id| push(&mut symbols, id, 1));
+                    continue;
+                }
+            }
+            if options.unk_token.is_some() {
+                unk = match unk {
+                    Some((id, len)) if options.fuse_unk == Some(true) => Some((id, len + byte_len)),
+                    Some((id, len)) => {
+                        push(&mut symbols, id, len);
+                        Some((unk_id()?, byte_len))
+                    }
+                    None => Some((unk_id()?, byte_len)),
+                };
+            }
+        }
+        if let Some((id, len)) = unk {
+            push(&mut symbols, id, len);
+        }
+        Ok(symbols)
+    }
+
+    /// `Word::merge_all` without dropout: the lowest-ranked mergeable pair first, leftmost among
+    /// equals, until none is left.
+    fn merge_all(&self, symbols: &mut Vec<Symbol>) {
+        // (rank, position, merged id), smallest first.
+        let mut queue: BinaryHeap<Reverse<(u32, usize, u32)>> = symbols
+            .windows(2)
+            .enumerate()
+            .filter_map(|(at, w)| self.merge(w[0].id, w[1].id).map(|r| Reverse((r.rank, at, r.merged))))
+            .collect();
+        while let Some(Reverse((_, at, merged))) = queue.pop() {
+            if symbols[at].len == 0 || symbols[at].next == -1 {
+                continue;
+            }
+            let next_at = symbols[at].next as usize;
+            let right = symbols[next_at];
+            // An entry made stale by an earlier merge no longer names this pair.
+            if self.merge(symbols[at].id, right.id).is_none_or(|r| r.merged != merged) {
+                continue;
+            }
+            let current = &mut symbols[at];
+            current.id = merged;
+            current.len += right.len;
+            current.next = right.next;
+            let current = *current;
+            symbols[next_at].len = 0;
+            if right.next > -1 && (right.next as usize) < symbols.len() {
+                symbols[right.next as usize].prev = at as isize;
+            }
+            if current.prev >= 0 {
+                let prev = current.prev as usize;
+                if let Some(r) = self.merge(symbols[prev].id, current.id) {
+                    queue.push(Reverse((r.rank, prev, r.merged)));
+                }
+            }
+            let next = current.next as usize;
+            if next < symbols.len() {
+                if let Some(r) = self.merge(current.id, symbols[next].id) {
+                    queue.push(Reverse((r.rank, at, r.merged)));
+                }
+            }
+        }
+        symbols.retain(|s| s.len != 0);
+    }
+
+    /// The vocabulary in id order, as `tokenizers` writes it.
+    fn ordered_vocabulary(&self) -> OrderedVocabulary<'_> {
+        OrderedVocabulary(self)
+    }
+
+    /// The merges in rank order, as pairs of texts.
+    fn ranked_merges(&self) -> Vec<(&str, &str)> {
+        let mut rules = self.merges.clone();
+        rules.sort_unstable_by_key(|r| r.rank);
+        rules.iter().map(|r| (self.token((r.pair >> 32) as u32), self.token(r.pair as u32))).collect()
+    }
+}
+
+impl std::fmt::Debug for Bpe {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("Bpe").field("tokens", &self.len()).field("merges", &self.merges.len()).finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Symbol {
+    id: u32,
+    prev: isize,
+    next: isize,
+    len: usize,
+}
+
+impl tokenizers::Model for Bpe {
+    type Trainer = BpeTrainer;
+
+    fn tokenize(&self, sequence: &str) -> tokenizers::Result<Vec<Token>> {
+        if sequence.is_empty() {
+            return Ok(vec![]);
+        }
+        if self.options.ignore_merges == Some(true) {
+            if let Some(id) = self.id(sequence.as_bytes()) {
+                return Ok(vec![Token::new(id, sequence.to_string(), (0, sequence.len()))]);
+            }
+        }
+        let mut symbols = self.symbols(sequence)?;
+        self.merge_all(&mut symbols);
+        let mut start = 0;
+        Ok(symbols
+            .iter()
+            .map(|s| {
+                start += s.len;
+                Token::new(s.id, self.token(s.id).to_owned(), (start - s.len, start))
+            })
+            .collect())
+    }
+
+    fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.id(token.as_bytes())
+    }
+
+    fn id_to_token(&self, id: u32) -> Option<String> {
+        ((id as usize) < self.len()).then(|| self.token(id).to_owned())
+    }
+
+    fn get_vocab(&self) -> HashMap<String, u32> {
+        (0..self.len() as u32).map(|id| (self.token(id).to_owned(), id)).collect()
+    }
+
+    fn get_vocab_size(&self) -> usize {
+        self.len()
+    }
+
+    fn save(&self, folder: &Path, prefix: Option<&str>) -> tokenizers::Result<Vec<PathBuf>> {
+        let name = |file: &str| folder.join(prefix.map_or(file.to_string(), |p| format!("{p}-{file}")));
+        let (vocab, merges) = (name("vocab.json"), name("merges.txt"));
+        std::fs::write(&vocab, serde_json::to_string(&self.ordered_vocabulary())?)?;
+        let lines: String = self.ranked_merges().iter().map(|(a, b)| format!("{a} {b}\n")).collect();
+        std::fs::write(&merges, format!("#version: 0.2\n{lines}"))?;
+        Ok(vec![vocab, merges])
+    }
+
+    fn get_trainer(&self) -> BpeTrainer {
+        BpeTrainer::default()
+    }
+}
+
+/// Written as `tokenizers` writes its BPE, field for field, so a tokenizer loaded here saves the same file.
+impl Serialize for Bpe {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let o = &self.options;
+        let mut model = serializer.serialize_struct("BPE", 10)?;
+        model.serialize_field("type", "BPE")?;
+        model.serialize_field("dropout", &o.dropout)?;
+        model.serialize_field("unk_token", &o.unk_token)?;
+        model.serialize_field("continuing_subword_prefix", &o.continuing_subword_prefix)?;
+        model.serialize_field("end_of_word_suffix", &o.end_of_word_suffix)?;
+        model.serialize_field("fuse_unk", &o.fuse_unk.unwrap_or(false))?;
+        model.serialize_field("byte_fallback", &o.byte_fallback.unwrap_or(false))?;
+        model.serialize_field("ignore_merges", &o.ignore_merges.unwrap_or(false))?;
+        model.serialize_field("vocab", &self.ordered_vocabulary())?;
+        model.serialize_field("merges", &self.ranked_merges())?;
+        model.end()
+    }
+}
+
+struct OrderedVocabulary<'a>(&'a Bpe);
+
+impl Serialize for OrderedVocabulary<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for id in 0..self.0.len() as u32 {
+            map.serialize_entry(self.0.token(id), &id)?;
+        }
+        map.end()
+    }
+}
+
+/// A text from the file, borrowed when it has no escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct TextVisitor;
+        impl<'de> Visitor<'de> for TextVisitor {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+        }
+        deserializer.deserialize_str(TextVisitor)
+    }
+}
+
+/// The vocabulary object, in file order.
+struct Vocabulary<'a>(Vec<(Cow<'a, str>, u32)>);
+
+impl<'de> Deserialize<'de> for Vocabulary<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct VocabularyVisitor;
+        impl<'de> Visitor<'de> for VocabularyVisitor {
+            type Value = Vocabulary<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a map from token to id")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Vocabulary<'de>, A::Error> {
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some((Text(token), id)) = map.next_entry::<Text, u32>()? {
+                    entries.push((token, id));
+                }
+                Ok(Vocabulary(entries))
+            }
+        }
+        deserializer.deserialize_map(VocabularyVisitor)
+    }
+}
+
+/// The merges list, resolved to ids as it is read, so its texts are never all held at once. Either
+/// every entry is a pair `["a", "b"]` or every entry is a string `"a b"` (the older form, where lines
+/// starting `#version` are skipped).
+struct MergeList<'b> {
+    ids: &'b HashMap<&'b [u8], u32>,
+    prefix_len: usize,
+    rules: &'b mut Vec<MergeRule>,
+}
+
+impl MergeList<'_> {
+    /// The id of a token named in the merges, in the words of `tokenizers`' error.
+    fn id(&self, token: &[u8]) -> Result<u32, String> {
+        self.ids.get(token).copied().ok_or_else(|| format!("Token `{}` out of vocabulary", String::from_utf8_lossy(token)))
+    }
+}
+
+enum MergeEntry<'a> {
+    Pair(Text<'a>, Text<'a>),
+    Line(Text<'a>),
+}
+
+impl<'de> Deserialize<'de> for MergeEntry<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntryVisitor;
+        impl<'de> Visitor<'de> for EntryVisitor {
+            type Value = MergeEntry<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a pair of tokens or a string of two tokens")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<MergeEntry<'de>, E> {
+                Ok(MergeEntry::Line(Text(Cow::Borrowed(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<MergeEntry<'de>, E> {
+                Ok(MergeEntry::Line(Text(Cow::Owned(v.to_owned()))))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<MergeEntry<'de>, A::Error> {
+                let a = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                let b = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(1, &self))?;
+                if seq.next_element::<de::IgnoredAny>()?.is_some() {
+                    return Err(de::Error::invalid_length(3, &self));
+                }
+                Ok(MergeEntry::Pair(a, b))
+            }
+        }
+        deserializer.deserialize_any(EntryVisitor)
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for MergeList<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for MergeList<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a list of merges")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut lines = None;
+        let mut joined = Vec::new();
+        while let Some(entry) = seq.next_element::<MergeEntry>()? {
+            let is_line = matches!(entry, MergeEntry::Line(_));
+            if *lines.get_or_insert(is_line) != is_line {
+                return Err(de::Error::custom("merges mix pairs and strings"));
+            }
+            let rank = self.rules.len() as u32;
+            let (a, b) = match &entry {
+                MergeEntry::Pair(a, b) => (&*a.0, &*b.0),
+                MergeEntry::Line(line) if line.0.starts_with("#version") => continue,
+                MergeEntry::Line(line) => match line.0.split(' ').collect::<Vec<_>>()[..] {
+                    [a, b] => (a, b),
+                    _ => return Err(de::Error::custom(format!("Merges text file invalid at line {}", rank + 1))),
+                },
+            };
+            let Some(b_rest) = b.as_bytes().get(self.prefix_len..) else {
+                return Err(de::Error::custom(format!("merge `{a} {b}`: `{b}` is shorter than the subword prefix")));
+            };
+            joined.clear();
+            joined.extend_from_slice(a.as_bytes());
+            joined.extend_from_slice(b_rest);
+            let left = self.id(a.as_bytes()).map_err(de::Error::custom)?;
+            let right = self.id(b.as_bytes()).map_err(de::Error::custom)?;
+            let merged = self.id(&joined).map_err(de::Error::custom)?;
+            self.rules.push(MergeRule { pair: (left as u64) << 32 | right as u64, rank, merged });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Value};
+    use tokenizers::models::bpe::BPE;
+    use tokenizers::{Model, Trainer};
+
+    /// A BPE trained by `tokenizers` on real text, as a tokenizer.json model section: words are
+    /// `▁`-prefixed as Gemma's are, `prefix` and `suffix` mark subwords as WordPiece-style models do.
+    fn trained(prefix: Option<&str>, suffix: Option<&str>) -> Value {
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/text/harbor.txt")).unwrap();
+        let mut trainer = BpeTrainer::builder().vocab_size(600).show_progress(false);
+        if let Some(p) = prefix {
+            trainer = trainer.continuing_subword_prefix(p.into());
+        }
+        if let Some(s) = suffix {
+            trainer = trainer.end_of_word_suffix(s.into());
+        }
+        let mut trainer = trainer.build();
+        trainer.feed(text.lines(), |line| Ok(line.split(' ').map(|w| format!("▁{w}")).collect())).unwrap();
+        let mut model = BPE::builder().continuing_subword_prefix(prefix.unwrap_or_default().into()).build().unwrap();
+        if prefix.is_none() {
+            model = BPE::default();
+        }
+        if let Some(s) = suffix {
+            model.end_of_word_suffix = Some(s.into());
+        }
+        trainer.train(&mut model).unwrap();
+        serde_json::to_value(&model).unwrap()
+    }
+
+    /// `section` with `<unk>` and the byte tokens up to `last_byte` added to its vocabulary.
+    fn with_unknown_and_bytes(section: Value) -> Value {
+        with_unknown_and_bytes_to(section, 255)
+    }
+
+    fn with_unknown_and_bytes_to(mut section: Value, last_byte: u8) -> Value {
+        let vocab = section["vocab"].as_object_mut().unwrap();
+        for token in std::iter::once("<unk>".to_string()).chain((0..=last_byte).map(|b| format!("<{b:#04X}>"))) {
+            let id = vocab.len();
+            vocab.insert(token, json!(id));
+        }
+        section
+    }
+
+    /// Model sections covering each option: byte fallback, unknown characters fused or not, whole
+    /// words kept, subword prefix and word suffix, merges in the older one-string form, a pair listed
+    /// twice (its last rank counts), byte fallback that fails for some characters (no tokens for
+    /// bytes past 0x7F: those characters are unknown, and one still pending follows the bytes of the
+    /// next character, as in `tokenizers`).
+    fn sections() -> Vec<Value> {
+        let plain = trained(None, None);
+        let full = with_unknown_and_bytes(plain.clone());
+        let set = |mut v: Value, changes: Value| {
+            for (k, x) in changes.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            v
+        };
+        let mut listed_twice = full.clone();
+        let merges = listed_twice["merges"].as_array_mut().unwrap();
+        let first = merges[0].clone();
+        merges.push(first);
+        let mut lines = plain.clone();
+        let as_lines: Vec<Value> = lines["merges"].as_array().unwrap().iter().map(|m| json!(format!("{} {}", m[0].as_str().unwrap(), m[1].as_str().unwrap()))).collect();
+        lines["merges"] = json!(std::iter::once(json!("#version: 0.2")).chain(as_lines).collect::<Vec<_>>());
+        vec![
+            plain.clone(),
+            set(full.clone(), json!({ "byte_fallback": true, "unk_token": "<unk>", "fuse_unk": true })),
+            set(full.clone(), json!({ "unk_token": "<unk>", "fuse_unk": false })),
+            set(full.clone(), json!({ "unk_token": "<unk>", "fuse_unk": true, "ignore_merges": true })),
+            set(with_unknown_and_bytes(trained(Some("##"), None)), json!({ "unk_token": "<unk>", "byte_fallback": true })),
+            set(with_unknown_and_bytes(trained(None, Some("</w>"))), json!({ "unk_token": "<unk>" })),
+            set(listed_twice, json!({ "byte_fallback": true })),
+            lines,
+            set(with_unknown_and_bytes_to(plain.clone(), 0x7f), json!({ "byte_fallback": true, "unk_token": "<unk>", "fuse_unk": true })),
+        ]
+    }
+
+    fn ours(section: &Value) -> Bpe {
+        Bpe::parse(&section.to_string()).unwrap().expect("held in flat arrays")
+    }
+
+    fn theirs(section: &Value) -> BPE {
+        serde_json::from_str(&section.to_string()).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        /// Words of the training text, cut and mixed with characters the vocabulary lacks, tokenize
+        /// to the same tokens, values and offsets as `tokenizers` gives them, under every option.
+        #[test]
+        fn tokenizes_as_tokenizers_does(which in 0..9usize, word in "(▁?(the|harbor|ship|ing|s|e|a|[a-z]|[~^|]|é|中|🙂|\\PC)){0,12}") {
+            let sections = SECTIONS.with(|s| s.clone());
+            let (a, b) = (ours(&sections[which]), theirs(&sections[which]));
+            prop_assert_eq!(a.tokenize(&word).unwrap(), b.tokenize(&word).unwrap(), "section {}", which);
+        }
+    }
+
+    thread_local! {
+        static SECTIONS: Vec<Value> = sections();
+    }
+
+    #[test]
+    fn the_options_change_the_tokens() {
+        // Each option is exercised: with it, some word tokenizes differently than without it.
+        let s = sections();
+        let ids = |section: &Value, word: &str| ours(section).tokenize(word).unwrap().iter().map(|t| t.id).collect::<Vec<_>>();
+        assert_ne!(ids(&s[1], "▁中中"), ids(&s[2], "▁中中"), "byte fallback");
+        let mut unfused = s[2].clone();
+        unfused["fuse_unk"] = json!(true);
+        assert_ne!(ids(&s[2], "中中"), ids(&unfused, "中中"), "fused unknowns");
+        let word = ours(&s[3]).tokenize("▁harbor").unwrap();
+        assert_eq!(word.len(), 1, "a whole word in the vocabulary is one token with ignore_merges: {word:?}");
+        assert!(ours(&s[4]).tokenize("▁harbors").unwrap().iter().skip(1).all(|t| t.value.starts_with("##")));
+        assert!(ours(&s[5]).tokenize("▁harbor").unwrap().last().unwrap().value.ends_with("</w>"));
+        assert_eq!(ours(&s[7]).merges.len(), ours(&s[0]).merges.len(), "the #version line is not a merge");
+        let (twice, first) = (ours(&s[6]), &s[6]["merges"][0]);
+        let id = |t: &Value| twice.id(t.as_str().unwrap().as_bytes()).unwrap();
+        let listed = s[6]["merges"].as_array().unwrap().len() as u32;
+        assert_eq!(twice.merge(id(&first[0]), id(&first[1])).unwrap().rank, listed - 1, "a pair listed twice has its last rank");
+        let pending = ours(&s[8]).tokenize("中~").unwrap();
+        assert_eq!(pending.iter().map(|t| t.value.as_str()).collect::<Vec<_>>(), ["<0x7E>", "<unk>"], "an unknown still pending follows the next bytes");
+    }
+
+    #[test]
+    fn it_writes_itself_as_tokenizers_does() {
+        for section in sections() {
+            let (a, b) = (ours(&section), theirs(&section));
+            assert_eq!(serde_json::to_string(&a).unwrap(), serde_json::to_string(&b).unwrap());
+            let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+            let (files_a, files_b) = (a.save(dir_a.path(), Some("m")).unwrap(), b.save(dir_b.path(), Some("m")).unwrap());
+            for (fa, fb) in files_a.iter().zip(&files_b) {
+                assert_eq!(fa.file_name(), fb.file_name());
+                assert_eq!(std::fs::read(fa).unwrap(), std::fs::read(fb).unwrap());
+            }
+            assert_eq!(a.get_vocab(), b.get_vocab());
+            assert_eq!((a.id_to_token(3), a.id_to_token(100_000)), (b.id_to_token(3), b.id_to_token(100_000)));
+        }
+    }
+
+    #[test]
+    fn what_it_does_not_hold_is_left_to_tokenizers() {
+        let mut section = sections()[1].clone();
+        section["dropout"] = json!(0.5);
+        assert!(Bpe::parse(&section.to_string()).unwrap().is_none(), "dropout");
+        section["dropout"] = json!(0.0);
+        assert!(Bpe::parse(&section.to_string()).unwrap().is_some(), "dropout 0 is no dropout");
+        let mut gap = sections()[0].clone();
+        let vocab = gap["vocab"].as_object_mut().unwrap();
+        vocab.insert("zzz-gap".into(), json!(vocab.len() + 5));
+        assert!(Bpe::parse(&gap.to_string()).unwrap().is_none(), "a gap in the ids");
+        let repeated = sections()[0].to_string().replacen("\"vocab\":{", "\"vocab\":{\"a\":0,", 1);
+        assert!(Bpe::parse(&repeated).unwrap().is_none(), "a text listed twice");
+    }
+
+    #[test]
+    fn bad_sections_are_refused_with_the_reason() {
+        let error = |section: Value| format!("{:#}", Bpe::parse(&section.to_string()).err().expect("refused"));
+        let base = sections()[0].clone();
+        let with = |key: &str, value: Value| {
+            let mut v = base.clone();
+            v[key] = value;
+            v
+        };
+        assert!(error(with("merges", json!([["▁t", "not-a-token"]]))).contains("Token `not-a-token` out of vocabulary"));
+        assert!(error(with("merges", json!(["a b c"]))).contains("Merges text file invalid at line 1"));
+        let first = base["merges"][0].clone();
+        let line = format!("{} {}", first[0].as_str().unwrap(), first[1].as_str().unwrap());
+        assert!(error(with("merges", json!([first, line]))).contains("merges mix pairs and strings"));
+        assert!(error(with("merges", json!([["a", "b", "c"]]))).contains("invalid length 3"));
+        assert!(error(with("dropout", json!(2.0))).contains("dropout should be between 0 and 1"));
+        assert!(error(with("vocab", json!({ "a": -1 }))).contains("invalid value"));
+        let mut no_merges = base.clone();
+        no_merges.as_object_mut().unwrap().remove("merges");
+        assert!(error(no_merges).contains("Missing vocab/merges"));
+        // `tokenizers` slices the prefix off without checking and would panic here.
+        let mut short = with("continuing_subword_prefix", json!("####"));
+        short["merges"] = json!([["a", "b"]]);
+        assert!(error(short).contains("shorter than the subword prefix"));
+    }
+}
