@@ -2,8 +2,8 @@
 //! token's text twice (text → id and id → text, each text a separate allocation in a hash map) and its
 //! merges in a third map: for Gemma 3's 262144 tokens and 514906 merges that is 68 MB, held for the
 //! whole run, more than a quarter of the model's weights. Here the texts are one string indexed by id,
-//! text → id is the ids sorted by text, and the merges are one array sorted by pair: ~12 MB, looked up
-//! by binary search. Tokenizing follows `tokenizers`' algorithm step for step (`BPE::merge_word`,
+//! text → id is the ids sorted by text, and the merges are one array of (left, right, rank) sorted by
+//! pair: ~10 MB, looked up by binary search. Tokenizing follows `tokenizers`' algorithm step for step (`BPE::merge_word`,
 //! `Word::merge_all`), so the tokens are the same; the tests check that against `tokenizers` itself.
 
 use anyhow::{bail, Result};
@@ -25,17 +25,16 @@ pub struct Bpe {
     bounds: Vec<u32>,
     /// The ids, sorted by their text.
     by_text: Vec<u32>,
-    /// The merges, sorted by pair; a pair listed twice keeps its last rank, as in `tokenizers`.
+    /// The merges, sorted by pair; a pair listed twice keeps its last rank, as in `tokenizers`. What a
+    /// merge makes is looked up when it is made (each merge's result is checked to exist at load).
     merges: Vec<MergeRule>,
     options: Options,
 }
 
 #[derive(Clone, Copy)]
 struct MergeRule {
-    /// Left id in the high half, right id in the low half.
-    pair: u64,
+    pair: (u32, u32),
     rank: u32,
-    merged: u32,
 }
 
 /// The model section's settings, as tokenizer.json spells them.
@@ -134,9 +133,16 @@ impl Bpe {
         found.ok().map(|i| self.by_text[i])
     }
 
-    fn merge(&self, left: u32, right: u32) -> Option<MergeRule> {
-        let pair = (left as u64) << 32 | right as u64;
-        self.merges.binary_search_by_key(&pair, |r| r.pair).ok().map(|i| self.merges[i])
+    /// The rank of merging `left` and `right`, if they merge.
+    fn merge(&self, left: u32, right: u32) -> Option<u32> {
+        self.merges.binary_search_by_key(&(left, right), |r| r.pair).ok().map(|i| self.merges[i].rank)
+    }
+
+    /// What merging `left` and `right` makes: their texts joined, the right one's subword prefix dropped.
+    fn merged(&self, left: u32, right: u32) -> Option<u32> {
+        let prefix = self.options.continuing_subword_prefix.as_deref().map_or(0, str::len);
+        let joined = [self.token_bytes(left), self.token_bytes(right).get(prefix..)?].concat();
+        self.id(&joined)
     }
 
     /// The symbols of `word` before merging: `BPE::merge_word`'s first half, unknown characters and
@@ -203,22 +209,25 @@ impl Bpe {
     /// `Word::merge_all` without dropout: the lowest-ranked mergeable pair first, leftmost among
     /// equals, until none is left.
     fn merge_all(&self, symbols: &mut Vec<Symbol>) {
-        // (rank, position, merged id), smallest first.
-        let mut queue: BinaryHeap<Reverse<(u32, usize, u32)>> = symbols
+        // (rank, position), smallest first.
+        let mut queue: BinaryHeap<Reverse<(u32, usize)>> = symbols
             .windows(2)
             .enumerate()
-            .filter_map(|(at, w)| self.merge(w[0].id, w[1].id).map(|r| Reverse((r.rank, at, r.merged))))
+            .filter_map(|(at, w)| self.merge(w[0].id, w[1].id).map(|rank| Reverse((rank, at))))
             .collect();
-        while let Some(Reverse((_, at, merged))) = queue.pop() {
+        while let Some(Reverse((rank, at))) = queue.pop() {
             if symbols[at].len == 0 || symbols[at].next == -1 {
                 continue;
             }
             let next_at = symbols[at].next as usize;
             let right = symbols[next_at];
-            // An entry made stale by an earlier merge no longer names this pair.
-            if self.merge(symbols[at].id, right.id).is_none_or(|r| r.merged != merged) {
+            // An entry made stale by an earlier merge no longer names this pair. (`tokenizers` compares
+            // what the pair makes; the same text from the same position is the same pair, since symbols
+            // only grow to the right, so comparing ranks is the same test.)
+            if self.merge(symbols[at].id, right.id) != Some(rank) {
                 continue;
             }
+            let Some(merged) = self.merged(symbols[at].id, right.id) else { continue };
             let current = &mut symbols[at];
             current.id = merged;
             current.len += right.len;
@@ -230,14 +239,14 @@ impl Bpe {
             }
             if current.prev >= 0 {
                 let prev = current.prev as usize;
-                if let Some(r) = self.merge(symbols[prev].id, current.id) {
-                    queue.push(Reverse((r.rank, prev, r.merged)));
+                if let Some(rank) = self.merge(symbols[prev].id, current.id) {
+                    queue.push(Reverse((rank, prev)));
                 }
             }
             let next = current.next as usize;
             if next < symbols.len() {
-                if let Some(r) = self.merge(current.id, symbols[next].id) {
-                    queue.push(Reverse((r.rank, at, r.merged)));
+                if let Some(rank) = self.merge(current.id, symbols[next].id) {
+                    queue.push(Reverse((rank, at)));
                 }
             }
         }
@@ -253,7 +262,7 @@ impl Bpe {
     fn ranked_merges(&self) -> Vec<(&str, &str)> {
         let mut rules = self.merges.clone();
         rules.sort_unstable_by_key(|r| r.rank);
-        rules.iter().map(|r| (self.token((r.pair >> 32) as u32), self.token(r.pair as u32))).collect()
+        rules.iter().map(|r| (self.token(r.pair.0), self.token(r.pair.1))).collect()
     }
 }
 
@@ -489,8 +498,8 @@ impl<'de> Visitor<'de> for MergeList<'_> {
             joined.extend_from_slice(b_rest);
             let left = self.id(a.as_bytes()).map_err(de::Error::custom)?;
             let right = self.id(b.as_bytes()).map_err(de::Error::custom)?;
-            let merged = self.id(&joined).map_err(de::Error::custom)?;
-            self.rules.push(MergeRule { pair: (left as u64) << 32 | right as u64, rank, merged });
+            self.id(&joined).map_err(de::Error::custom)?;
+            self.rules.push(MergeRule { pair: (left, right), rank });
         }
         Ok(())
     }
@@ -617,7 +626,7 @@ mod tests {
         let (twice, first) = (ours(&s[6]), &s[6]["merges"][0]);
         let id = |t: &Value| twice.id(t.as_str().unwrap().as_bytes()).unwrap();
         let listed = s[6]["merges"].as_array().unwrap().len() as u32;
-        assert_eq!(twice.merge(id(&first[0]), id(&first[1])).unwrap().rank, listed - 1, "a pair listed twice has its last rank");
+        assert_eq!(twice.merge(id(&first[0]), id(&first[1])).unwrap(), listed - 1, "a pair listed twice has its last rank");
         let pending = ours(&s[8]).tokenize("中~").unwrap();
         assert_eq!(pending.iter().map(|t| t.value.as_str()).collect::<Vec<_>>(), ["<0x7E>", "<unk>"], "an unknown still pending follows the next bytes");
     }
