@@ -3,8 +3,9 @@
 //! merges in a third map: for Gemma 3's 262144 tokens and 514906 merges that is 68 MB, held for the
 //! whole run, more than a quarter of the model's weights. Here the texts are one string indexed by id,
 //! text → id is the ids sorted by text, and the merges are one array of (left, right, rank) sorted by
-//! pair: ~10 MB, looked up by binary search. Tokenizing follows `tokenizers`' algorithm step for step (`BPE::merge_word`,
-//! `Word::merge_all`), so the tokens are the same; the tests check that against `tokenizers` itself.
+//! pair: ~10 MB, looked up by binary search. Tokenizing follows `tokenizers`' algorithm step for step
+//! (`BPE::merge_word`, `Word::merge_all`), so the tokens are the same; the tests check that against
+//! `tokenizers` itself.
 
 use anyhow::{bail, Result};
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};

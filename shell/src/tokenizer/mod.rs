@@ -12,9 +12,8 @@ mod bpe;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use std::path::Path;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use tokenizers::models::{bpe::BPE, unigram::Unigram, wordlevel::WordLevel, wordpiece::WordPiece, ModelWrapper, TrainerWrapper};
 use tokenizers::{
     AddedToken, DecoderWrapper, NormalizerWrapper, PaddingParams, PostProcessorWrapper, PreTokenizerWrapper, Token, TokenizerBuilder,
@@ -72,7 +71,7 @@ pub fn parse(json: &str) -> Result<Tokenizer> {
         bail!("unknown tokenizer version '{version}'");
     }
     let model = model(parts.model.get())?;
-    let built = TokenizerBuilder::new()
+    let mut tokenizer: Tokenizer = TokenizerBuilder::new()
         .with_model(model)
         .with_normalizer(parts.normalizer)
         .with_pre_tokenizer(parts.pre_tokenizer)
@@ -82,7 +81,6 @@ pub fn parse(json: &str) -> Result<Tokenizer> {
         .with_padding(parts.padding)
         .build()
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut tokenizer: Tokenizer = built;
     // As `tokenizers` does: a listed id that the vocabulary contradicts is warned about, not refused.
     for t in &parts.added_tokens {
         if let Some(id) = tokenizer.token_to_id(&t.token.content).filter(|&id| id != t.id) {
