@@ -39,7 +39,7 @@ fn the_real_tokenizer_loads_as_tokenizers_loads_it() {
         assert_eq!(a.get_ids(), b.get_ids());
         assert_eq!(a.get_offsets(), b.get_offsets());
     }
-    // Every line of the prose, cut at random characters and joined with rare ones.
+    // Prose words, from a random character on, followed by arbitrary characters.
     let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config { cases: 300, ..Default::default() });
     let words = proptest::collection::vec(proptest::sample::select(prose.split(' ').map(str::to_string).collect::<Vec<_>>()), 0..12);
     let strategy = (words, "\\PC{0,6}", 0..40usize);
